@@ -1,0 +1,105 @@
+"""Helpers shared by the tests: real Git repositories driven by real `git`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import trio
+
+# Run `git` without the user's or the system's configuration, with a fixed
+# identity, so tests behave the same on every machine.
+GIT_ENV = {
+    **os.environ,
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "GIT_CONFIG_GLOBAL": os.devnull,
+    "GIT_AUTHOR_NAME": "Test Writer",
+    "GIT_AUTHOR_EMAIL": "writer@example.invalid",
+    "GIT_COMMITTER_NAME": "Test Writer",
+    "GIT_COMMITTER_EMAIL": "writer@example.invalid",
+}
+
+
+async def git_bytes(
+    repo: Path,
+    *args: str,
+    stdin: bytes | None = None,
+    env: dict[str, str] | None = None,
+) -> bytes:
+    """Run `git -C repo ARGS` and return its raw output; fail if git fails."""
+    result = await trio.run_process(
+        ["git", "-C", str(repo), *args],
+        stdin=stdin,
+        capture_stdout=True,
+        capture_stderr=True,
+        env={**GIT_ENV, **(env or {})},
+    )
+    out: bytes = result.stdout
+    return out
+
+
+async def git(
+    repo: Path,
+    *args: str,
+    stdin: bytes | None = None,
+    env: dict[str, str] | None = None,
+) -> str:
+    """Run `git -C repo ARGS` and return its output without surrounding space."""
+    out = await git_bytes(repo, *args, stdin=stdin, env=env)
+    return out.decode("utf-8").strip()
+
+
+async def branch_head(repo: Path, branch: str) -> str | None:
+    """Return the commit at `branch` as git sees it, or None."""
+    result = await trio.run_process(
+        [
+            "git",
+            "-C",
+            str(repo),
+            "rev-parse",
+            "--verify",
+            "--quiet",
+            f"refs/heads/{branch}",
+        ],
+        capture_stdout=True,
+        check=False,
+        env=GIT_ENV,
+    )
+    out: bytes = result.stdout
+    return out.decode().strip() or None
+
+
+async def git_commit_files(
+    repo: Path,
+    branch: str,
+    files: dict[str, bytes],
+    message: str = "written by git",
+) -> str:
+    """Commit `files` on top of `branch` (or as its first commit) with plain git.
+
+    Works on bare repositories, through a temporary index: a writer entirely
+    outside kitci, like a bridge in another process. The branch moves by
+    compare-and-swap from the head read here.
+    """
+    env = {"GIT_INDEX_FILE": str(repo / "kitci-test-index")}
+    parent = await branch_head(repo, branch)
+    if parent:
+        await git(repo, "read-tree", parent, env=env)
+    else:
+        await git(repo, "read-tree", "--empty", env=env)
+    for path, data in files.items():
+        blob = await git(repo, "hash-object", "-w", "--stdin", stdin=data)
+        await git(
+            repo,
+            "update-index",
+            "--add",
+            "--cacheinfo",
+            f"100644,{blob},{path}",
+            env=env,
+        )
+    tree = await git(repo, "write-tree", env=env)
+    parents = ["-p", parent] if parent else []
+    commit = await git(repo, "commit-tree", tree, *parents, "-m", message)
+    await git(repo, "update-ref", f"refs/heads/{branch}", commit, parent or "0" * 40)
+    os.unlink(env["GIT_INDEX_FILE"])
+    return commit
