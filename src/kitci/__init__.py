@@ -1,6 +1,7 @@
 """kitci: a continuous-integration engine that keeps its state in Git."""
 
 from . import github
+from ._engine import Engine, JobView, MakeTerms, TargetView
 from ._errors import (
     BuildError,
     ConflictError,
@@ -77,13 +78,16 @@ __all__ = [
     "ConflictError",
     "Context",
     "DecodeError",
+    "Engine",
     "Failed",
     "InvalidNameError",
     "InvalidStatusError",
+    "JobView",
     "KitciError",
     "LiveLogRef",
     "LogPair",
     "Logs",
+    "MakeTerms",
     "NotARepositoryError",
     "Ok",
     "Output",
@@ -102,6 +106,7 @@ __all__ = [
     "Store",
     "StoreError",
     "Target",
+    "TargetView",
     "Term",
     "TermError",
     "Transaction",

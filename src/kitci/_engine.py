@@ -1,0 +1,883 @@
+"""The engine: watch github-metadata, evaluate jobs, write statuses back.
+
+`Engine.run` is a Trio service. Inside its nursery:
+
+- the *monitor* task waits for the head of `github-metadata` to move and
+  parses each new commit into a `Snapshot`;
+- the *recalc* task compares the newest snapshot with the last one it
+  handled, adds and drops targets, and starts an evaluation for every job
+  whose inputs changed (or every job, in full mode). Each evaluation runs in
+  its own cancel scope in the evaluation nursery, bounded by a
+  `trio.CapacityLimiter`; a newer evaluation of the same job, or the
+  target's closing, cancels it;
+- the *flush* task records each target's history on its status branch,
+  then writes the statuses of every dirty job in one commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import urllib.parse
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from typing import Protocol
+
+import trio
+
+from ._errors import KitciError, StoreError
+from ._history import (
+    EMPTY_STATE,
+    HistoryState,
+    load_states_sync,
+    one_line,
+    record_states_sync,
+)
+from ._metadata import (
+    METADATA_BRANCH,
+    ReadKey,
+    Snapshot,
+    SnapshotParser,
+    changed_keys,
+    status_files,
+    write_monitor,
+    write_status,
+)
+from ._metrics import (
+    ACTIVE_TARGETS,
+    CONNECTION_ATTEMPTS,
+    CONNECTION_FAILURES,
+    STATUS_UPDATES,
+    UPDATE_NOTIFICATIONS,
+)
+from ._model import (
+    PR,
+    PRTarget,
+    Ref,
+    RefTarget,
+    Repo,
+    Status,
+    Target,
+    datakit_context,
+    is_valid_path_component,
+    trim_description,
+)
+from ._results import LiveLogRef, LogPair, Logs, Output, Result, SavedLog
+from ._store import Store, Transaction, TreeReader
+from ._terms import Context, Failed, Ok, Pending, Term
+
+__all__ = ["Engine", "JobView", "MakeTerms", "TargetView"]
+
+log = logging.getLogger("kitci.engine")
+
+MakeTerms = Callable[[Target], Mapping[str, Term[str]]]
+
+
+class BuildAbandoner(Protocol):
+    """What the engine needs from a build cache: stop builds nobody needs."""
+
+    def abandon(self, branch: str) -> None: ...
+
+
+class _Job:
+    """One job of one target: a small state machine around its term."""
+
+    __slots__ = (
+        "check_written",
+        "dirty",
+        "done",
+        "name",
+        "output",
+        "reads",
+        "scope",
+        "source",
+        "target",
+        "term",
+        "wake",
+    )
+
+    def __init__(self, target: _Target, name: str, term: Term[str]) -> None:
+        self.target = target
+        self.name = name
+        self.term = term
+        # The head hash and output of the last finished evaluation (or those
+        # restored from history); output is None before the first one.
+        self.source: str | None = None
+        self.output: Output | None = None
+        # True when (source, what the status would say) differs from what
+        # was last written to github-metadata.
+        self.dirty = False
+        # The snapshot keys the last finished evaluation read; None means
+        # the job must be evaluated whatever changes.
+        self.reads: frozenset[ReadKey] | None = None
+        # The cancel scope of the evaluation in progress, and an event set
+        # when that evaluation's task has finished.
+        self.scope: trio.CancelScope | None = None
+        self.done: trio.Event | None = None
+        # Set when a slow term's event fired or a rebuild was asked for.
+        self.wake = False
+        # Set until the first result: that one is compared with the status
+        # actually in github-metadata rather than with `output`.
+        self.check_written = True
+
+    def __str__(self) -> str:
+        return f"{self.target.id}:{self.name}"
+
+    def cancel(self, reason: str) -> None:
+        if self.scope is not None:
+            log.debug("%s: cancelling evaluation (%s)", self, reason)
+            self.scope.cancel()
+
+
+class _Target:
+    """A PR, branch or tag being tested, with its jobs."""
+
+    __slots__ = ("history", "history_dirty", "id", "jobs", "value")
+
+    def __init__(self, value: PR | Ref) -> None:
+        self.id: Target = value.target
+        # The PR or ref as in the newest snapshot handled.
+        self.value = value
+        self.jobs: dict[str, _Job] = {}
+        # The latest state recorded on the status branch.
+        self.history: HistoryState = EMPTY_STATE
+        # True when a job's output or the head changed since `history`.
+        self.history_dirty = False
+
+    @property
+    def head(self) -> str:
+        return self.value.head
+
+
+class JobView:
+    """A read-only view of a job for queries: name, head tested, output."""
+
+    __slots__ = ("name", "output", "source")
+
+    def __init__(self, name: str, source: str | None, output: Output | None) -> None:
+        self.name = name
+        self.source = source
+        self.output = output
+
+    def __repr__(self) -> str:
+        descr = None if self.output is None else self.output.result
+        return f"JobView({self.name!r}, {self.source!r}, {descr!r})"
+
+
+class TargetView:
+    """A read-only view of a target for queries."""
+
+    __slots__ = ("jobs", "target", "value")
+
+    def __init__(self, value: PR | Ref, jobs: Mapping[str, JobView]) -> None:
+        self.target: Target = value.target
+        self.value = value
+        self.jobs = jobs
+
+
+def _result_of(outcome: Ok[str] | Pending | Failed) -> Result:
+    if isinstance(outcome, Ok):
+        return Result("success", str(outcome.value))
+    if isinstance(outcome, Pending):
+        return Result("pending", outcome.reason)
+    return Result("failure", outcome.message)
+
+
+def _live_branches(logs: Logs) -> list[str]:
+    if isinstance(logs, LiveLogRef):
+        return [logs.branch]
+    if isinstance(logs, LogPair):
+        return _live_branches(logs.first) + _live_branches(logs.second)
+    return []
+
+
+def _saved_logs(logs: Logs) -> list[SavedLog]:
+    if isinstance(logs, SavedLog):
+        return [logs]
+    if isinstance(logs, LogPair):
+        return _saved_logs(logs.first) + _saved_logs(logs.second)
+    return []
+
+
+class Engine:
+    """Run the jobs of `projects` on every open PR, branch and tag.
+
+    `projects` maps each repository to a function giving the jobs (name ->
+    term) of one of its targets. Start the engine with
+    `await nursery.start(engine.run)`; it returns once the engine watches
+    the store, and cancelling the surrounding scope stops everything.
+
+    Arguments:
+        store: the Git store holding `github-metadata`.
+        web_ui: absolute http(s) address used to build status target URLs.
+        canaries: if given, only these targets are tested.
+        max_evaluations: how many job evaluations may run at once.
+        retry_delay: seconds to wait after a store failure before retrying.
+        incremental: re-evaluate only jobs whose inputs changed (the
+            default); False re-evaluates every job on every snapshot, as
+            DataKitCI did.
+        flush_delay: longest time a finished result waits for other
+            evaluations before being written.
+        builds: a build cache, told to abandon builds that only closed
+            targets needed.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        projects: Mapping[Repo, MakeTerms],
+        *,
+        web_ui: str = "http://127.0.0.1:8080",
+        canaries: Collection[Target] | None = None,
+        max_evaluations: int = 50,
+        retry_delay: float = 10.0,
+        incremental: bool = True,
+        flush_delay: float = 0.5,
+        builds: BuildAbandoner | None = None,
+    ) -> None:
+        parsed = urllib.parse.urlsplit(web_ui)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ValueError(
+                f"web_ui must be an absolute http or https URL, not {web_ui!r}"
+            )
+        if max_evaluations < 1:
+            raise ValueError(f"max_evaluations must be >= 1, not {max_evaluations}")
+        if retry_delay < 0 or flush_delay < 0:
+            raise ValueError("retry_delay and flush_delay must be >= 0")
+        self.store = store
+        self.projects = dict(projects)
+        self.web_ui = web_ui.rstrip("/")
+        self.canaries = None if canaries is None else frozenset(canaries)
+        if self.canaries is not None:
+            for target in self.canaries:
+                if target.repo not in self.projects:
+                    log.warning("canary %s is not in a monitored project", target)
+        self.incremental = incremental
+        self.retry_delay = retry_delay
+        self.flush_delay = flush_delay
+        self.builds = builds
+        self._limiter = trio.CapacityLimiter(max_evaluations)
+        self._parser = SnapshotParser()
+        # The newest snapshot seen by the monitor, and the one recalc last
+        # handled (diffed against the next).
+        self._latest: Snapshot | None = None
+        self._handled: Snapshot | None = None
+        self._targets: dict[Target, _Target] = {}
+        # Which jobs read each snapshot key, for incremental recalculation.
+        self._readers: dict[ReadKey, set[_Job]] = {}
+        self._targets_of_commit: dict[Repo, dict[str, list[Target]]] = {}
+        # Set to ask the recalc task for a pass, and the flush task to run.
+        self._recalc_needed = trio.Event()
+        self._flush_needed = trio.Event()
+        # Evaluations started and not yet finished; `_idle` is set whenever
+        # that count drops to zero.
+        self._running = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        # Counters for tests and benchmarks.
+        self.evaluations = 0
+        self.status_commits = 0
+        self.history_commits = 0
+        # Flushes finished, and the github-metadata commit handled when the
+        # last one started if nothing was running or asked for then (None
+        # otherwise): once that commit is still the head, all is written.
+        self.flushes = 0
+        self.settled_commit: str | None = None
+        self._nursery: trio.Nursery | None = None
+        self._flushed = trio.Event()
+
+    # Service --------------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run the engine until cancelled.
+
+        Makes sure every project's `.monitor` file exists, then calls
+        `task_status.started()` and keeps the store's statuses up to date.
+        """
+        await self._retrying("start-up", self._enable_monitoring)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._retrying, "monitor", self._monitor_loop)
+            nursery.start_soon(self._retrying, "recalc", self._recalc_loop)
+            nursery.start_soon(self._retrying, "flush", self._flush_loop)
+            log.info(
+                "engine watching %s for %d projects",
+                self.store.path,
+                len(self.projects),
+            )
+            task_status.started()
+
+    async def _retrying(self, label: str, loop: Callable[[], Awaitable[None]]) -> None:
+        """Run `loop`, restarting it after store failures."""
+        while True:
+            CONNECTION_ATTEMPTS.inc()
+            try:
+                await loop()
+                return
+            except StoreError as exc:
+                CONNECTION_FAILURES.inc()
+                log.warning(
+                    "%s: store failure: %s (will retry in %gs)",
+                    label,
+                    exc,
+                    self.retry_delay,
+                )
+                await trio.sleep(self.retry_delay)
+
+    async def _enable_monitoring(self) -> None:
+        repos = sorted(self.projects)
+
+        def build(reader: TreeReader, tx: Transaction) -> str | None:
+            for repo in repos:
+                if reader.read(f"{repo}/.monitor") is None:
+                    write_monitor(tx, repo)
+            return "Add .monitor files" if len(tx) else None
+
+        await self.store.update_branch(METADATA_BRANCH, build)
+
+    # Monitor -----------------------------------------------------------------------
+
+    async def _monitor_loop(self) -> None:
+        current = None if self._latest is None else self._latest.commit
+        first = self._latest is None
+        while True:
+            if first:
+                head = await self.store.head(METADATA_BRANCH)
+                first = False
+            else:
+                head = await self.store.wait_for_head(METADATA_BRANCH, current)
+            UPDATE_NOTIFICATIONS.inc()
+            snapshot = await self._parser.parse(self.store, head)
+            log.debug("new github-metadata snapshot %s", head)
+            current = head
+            self._latest = snapshot
+            self._recalc_needed.set()
+
+    # Recalculation ------------------------------------------------------------------
+
+    async def _recalc_loop(self) -> None:
+        # After a store failure, redo the pass that failed.
+        self._recalc_needed.set()
+        while True:
+            await self._recalc_needed.wait()
+            self._recalc_needed = trio.Event()
+            snapshot = self._latest
+            if snapshot is None:
+                continue
+            await self._recalculate(snapshot)
+
+    async def _recalculate(self, snapshot: Snapshot) -> None:
+        changed = (
+            None if not self.incremental else changed_keys(self._handled, snapshot)
+        )
+        counts = {"pr": 0, "branch": 0, "tag": 0}
+        current: dict[Target, PR | Ref] = {}
+        for repo in self.projects:
+            prs = snapshot.prs(repo)
+            refs = snapshot.refs(repo)
+            index: dict[str, list[Target]] = {}
+            values: list[PR | Ref] = [*prs.values(), *refs.values()]
+            for value in values:
+                if isinstance(value, PR) and value.state != "open":
+                    continue
+                index.setdefault(value.head, []).append(value.target)
+                if self.canaries is None or value.target in self.canaries:
+                    current[value.target] = value
+                    counts[value.target.kind] += 1
+            self._targets_of_commit[repo] = index
+        for kind, count in counts.items():
+            ACTIVE_TARGETS.labels(kind).set(count)
+
+        # Drop closed and vanished targets, cancelling their evaluations.
+        dropped = [t for t in self._targets if t not in current]
+        abandoned: set[str] = set()
+        for target_id in dropped:
+            target = self._targets.pop(target_id)
+            log.info("removing %s: it is closed or gone", target_id)
+            for job in target.jobs.values():
+                job.cancel("target closed")
+                self._forget_reads(job)
+                if job.output is not None:
+                    abandoned.update(_live_branches(job.output.logs))
+
+        # Create jobs for new targets, restoring their state from history.
+        new = [t for t in current if t not in self._targets]
+        if new:
+            histories = await self.store.run_sync(
+                lambda repo: load_states_sync(repo, new)
+            )
+        # Only now, so that a store failure above makes the retry see the
+        # same changes again.
+        self._handled = snapshot
+        to_run: list[_Job] = []
+        for target_id in list(new):
+            value = current[target_id]
+            target = _Target(value)
+            target.history = histories[target_id]
+            # Record at the first flush even if no output changed, so that
+            # jobs the project no longer has are removed from the history.
+            target.history_dirty = True
+            try:
+                terms = self.projects[target_id.repo](target_id)
+            except Exception:
+                log.exception("%s: make_terms failed; will try again", target_id)
+                new.remove(target_id)
+                continue
+            for name, term in terms.items():
+                if not is_valid_path_component(name) or name in _RESERVED_JOB_NAMES:
+                    log.error(
+                        "%s: skipping job %r: a job name must be one path "
+                        "component, not state, description or target_url",
+                        target_id,
+                        name,
+                    )
+                    continue
+                job = _Job(target, name, term)
+                restored = target.history.jobs.get(name)
+                if restored is not None:
+                    job.source = target.history.source_commit
+                    job.output = restored
+                target.jobs[name] = job
+                to_run.append(job)
+            self._targets[target_id] = target
+            log.info("monitoring %s (%d jobs)", target_id, len(target.jobs))
+
+        # Decide which existing jobs to evaluate again.
+        if changed is None:
+            for target_id, target in self._targets.items():
+                target.value = current[target_id]
+                if target_id not in new:
+                    to_run.extend(target.jobs.values())
+        else:
+            seen = {id(job) for job in to_run}
+            for key in changed:
+                if key[0] in ("pr", "ref"):
+                    target_id = (
+                        PRTarget(key[1], key[2])  # type: ignore[arg-type]  # from a "pr" key
+                        if key[0] == "pr"
+                        else RefTarget(key[1], key[2])  # type: ignore[arg-type]  # from a "ref" key
+                    )
+                    existing = self._targets.get(target_id)
+                    if existing is not None and target_id not in new:
+                        existing.value = current[target_id]
+                        for job in existing.jobs.values():
+                            if id(job) not in seen:
+                                seen.add(id(job))
+                                to_run.append(job)
+                for job in self._readers.get(key, ()):
+                    if id(job) not in seen:
+                        seen.add(id(job))
+                        to_run.append(job)
+            for target in self._targets.values():
+                for job in target.jobs.values():
+                    if job.wake and id(job) not in seen:
+                        seen.add(id(job))
+                        to_run.append(job)
+
+        for branch in abandoned - self._live_branches_in_use():
+            if self.builds is not None:
+                log.info("abandoning build %s: no open target needs it", branch)
+                self.builds.abandon(branch)
+
+        for job in to_run:
+            self._start_evaluation(job, snapshot)
+        if not to_run and self._running == 0:
+            self._flush_needed.set()
+
+    def _live_branches_in_use(self) -> set[str]:
+        in_use: set[str] = set()
+        for target in self._targets.values():
+            for job in target.jobs.values():
+                if job.output is not None:
+                    in_use.update(_live_branches(job.output.logs))
+        return in_use
+
+    def _forget_reads(self, job: _Job) -> None:
+        if job.reads:
+            for key in job.reads:
+                readers = self._readers.get(key)
+                if readers is not None:
+                    readers.discard(job)
+                    if not readers:
+                        del self._readers[key]
+        job.reads = None
+
+    def _start_evaluation(self, job: _Job, snapshot: Snapshot) -> None:
+        assert self._nursery is not None
+        job.wake = False
+        if job.term.immediate and job.scope is None:
+            # Nothing to wait for and nothing to cancel: evaluate in place,
+            # which saves a task, a cancel scope and a limiter round trip.
+            target = job.target
+            ctx = Context(snapshot, target.id, job.name)
+            self.evaluations += 1
+            outcome, logs = job.term.evaluate_now(ctx)
+            self._record_result(
+                job, target.head, Output(_result_of(outcome), logs), ctx
+            )
+            self._flush_needed.set()
+            return
+        previous_done = job.done
+        job.cancel("superseded by a newer evaluation")
+        scope = trio.CancelScope()
+        done = trio.Event()
+        job.scope = scope
+        job.done = done
+        self._running += 1
+        if self._idle.is_set():
+            self._idle = trio.Event()
+        self._nursery.start_soon(
+            self._evaluate, job, snapshot, scope, done, previous_done
+        )
+
+    async def _evaluate(
+        self,
+        job: _Job,
+        snapshot: Snapshot,
+        scope: trio.CancelScope,
+        done: trio.Event,
+        previous_done: trio.Event | None,
+    ) -> None:
+        counted = True
+        try:
+            with scope:
+                # Never evaluate a job twice at once: let the cancelled
+                # evaluation finish first.
+                if previous_done is not None:
+                    await previous_done.wait()
+                async with self._limiter:
+                    target = job.target
+                    head = target.head
+                    ctx = Context(snapshot, target.id, job.name)
+                    self.evaluations += 1
+                    outcome, logs = await job.term.evaluate(ctx)
+                if job.scope is not scope or scope.cancel_called:
+                    return
+                self._record_result(job, head, Output(_result_of(outcome), logs), ctx)
+                counted = False
+                self._finished_one()
+                wake_events = ctx.wake_events
+                if wake_events:
+                    # Wait (still inside this evaluation's scope, so a newer
+                    # evaluation or the target's closing cancels the wait).
+                    await _wait_any(wake_events)
+                    job.wake = True
+                    self._recalc_needed.set()
+        finally:
+            if counted:
+                self._finished_one()
+            if job.scope is scope:
+                job.scope = None
+            done.set()
+
+    def _finished_one(self) -> None:
+        self._running -= 1
+        if self._running == 0:
+            self._idle.set()
+        self._flush_needed.set()
+
+    def _record_result(
+        self, job: _Job, head: str, output: Output, ctx: Context
+    ) -> None:
+        old_source, old_output = job.source, job.output
+        job.source, job.output = head, output
+        reads = frozenset(ctx.reads)
+        if reads != job.reads:
+            self._forget_reads(job)
+            job.reads = reads
+            for key in reads:
+                self._readers.setdefault(key, set()).add(job)
+        # `==`, not `!=`: Output defines only __eq__, and the __ne__ it
+        # inherits from msgspec compares identities.
+        same = old_output is not None and old_output == output
+        if old_source != head or not same:
+            job.target.history_dirty = True
+        # Read from an older snapshot: if any input has changed since,
+        # evaluate again (no recalculation pass will, as the job's reads were
+        # unknown or different when the change was handled).
+        latest = self._handled
+        if (
+            latest is not None
+            and latest is not ctx.snapshot
+            and any(latest.value(key) != ctx.snapshot.value(key) for key in reads)
+        ):
+            job.wake = True
+            self._recalc_needed.set()
+        if job.check_written:
+            # A new job's first result: what counts is whether github-metadata
+            # already says it (the history may be ahead or behind, or absent,
+            # after a crash between recording history and writing statuses).
+            job.check_written = False
+            dirty = not self._written(job, head, output, ctx.snapshot)
+        else:
+            dirty = (
+                old_output is None
+                or old_source != head
+                or self._status_of(job, old_output) != self._status_of(job, output)
+            )
+        if dirty:
+            if not job.dirty:
+                log.debug("%s -> %s (marked for flush)", job, output.result.descr)
+            job.dirty = True
+
+    # Flush ---------------------------------------------------------------------
+
+    def _status(self, job: _Job, output: Output, head: str) -> Status:
+        target = job.target.id
+        url = (
+            f"{self.web_ui}/{urllib.parse.quote(target.repo.user, safe='')}"
+            f"/{urllib.parse.quote(target.repo.name, safe='')}/commit/{head}?"
+            + urllib.parse.urlencode({"test": job.name}, quote_via=urllib.parse.quote)
+        )
+        return Status(
+            target.repo,
+            head,
+            datakit_context(job.name),
+            output.result.github_state,
+            output.result.descr,
+            url,
+        )
+
+    def _written(
+        self, job: _Job, head: str, output: Output, snapshot: Snapshot
+    ) -> bool:
+        """Say whether `snapshot` already has the status `output` gives."""
+        want = self._status(job, output, head)
+        have = snapshot.status(want.repo, head, want.context)
+        return have is not None and (
+            have.state,
+            have.description or "",
+            have.target_url,
+        ) == (want.state, trim_description(want.description or ""), want.target_url)
+
+    def _status_of(self, job: _Job, output: Output) -> tuple[object, ...]:
+        """Return what would be written for `output`, for comparisons."""
+        return tuple(status_files(self._status(job, output, "0" * 40)).values())
+
+    async def _flush_loop(self) -> None:
+        # After a store failure, flush again at once.
+        self._flush_needed.set()
+        while True:
+            await self._flush_needed.wait()
+            self._flush_needed = trio.Event()
+            # Give evaluations still running a moment to finish, so that
+            # their results share one commit.
+            with trio.move_on_after(self.flush_delay):
+                await self._idle.wait()
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Record history, then write every dirty job's status in one commit."""
+        quiet = self._running == 0 and not self._recalc_needed.is_set()
+        handled = None if self._handled is None else self._handled.commit
+        await self._flush_history()
+        await self._flush_statuses()
+        self.flushes += 1
+        self.settled_commit = handled if quiet else None
+        self._flushed.set()
+        self._flushed = trio.Event()
+
+    async def _flush_history(self) -> None:
+        snapshot = self._handled
+        if snapshot is None or snapshot.commit is None:
+            return
+        records = []
+        for target in self._targets.values():
+            if not target.history_dirty:
+                continue
+            outputs = {
+                name: job.output for name, job in target.jobs.items() if job.output
+            }
+            if len(outputs) != len(target.jobs):
+                continue  # record once every job has a result
+            if any(job.source != target.head for job in target.jobs.values()):
+                continue  # record once every job has tested the current head
+            records.append(
+                (target.id, target.history, target.head, snapshot.commit, outputs)
+            )
+        if not records:
+            return
+        written = await self.store.run_sync(
+            lambda repo: record_states_sync(repo, records)
+        )
+        for target_id, _, _, _, outputs in records:
+            still = self._targets.get(target_id)
+            if still is None:
+                continue
+            if target_id in written:
+                still.history = written[target_id]
+                self.history_commits += 1
+            if all(
+                still.jobs[n].output is o for n, o in outputs.items() if n in still.jobs
+            ):
+                still.history_dirty = False
+
+    async def _flush_statuses(self) -> None:
+        dirty: list[tuple[_Target, list[tuple[_Job, str, Output]]]] = []
+        for target in self._targets.values():
+            jobs = [
+                (job, job.source, job.output)
+                for job in target.jobs.values()
+                if job.dirty and job.output is not None and job.source is not None
+            ]
+            if jobs:
+                dirty.append((target, jobs))
+        if not dirty:
+            return
+        landed: list[tuple[_Job, str, Output]] = []
+        messages: list[str] = []
+
+        def build(reader: TreeReader, tx: Transaction) -> str | None:
+            landed.clear()
+            messages.clear()
+            for target, all_jobs in dirty:
+                # A job whose result is for an older head waits for its
+                # newer evaluation; the others are written.
+                heads = {head for _, head, _ in all_jobs}
+                live = {h for h in heads if _still_there(reader, target.id, h)}
+                if heads - live:
+                    log.warning(
+                        "not writing statuses of %s for %s: it has moved or gone",
+                        target.id,
+                        ", ".join(sorted(heads - live)),
+                    )
+                jobs = [entry for entry in all_jobs if entry[1] in live]
+                if not jobs:
+                    continue
+                if len(jobs) == 1:
+                    job, head, output = jobs[0]
+                    messages.append(f"Set {job} to {one_line(output.result.descr)}")
+                else:
+                    messages.append(f"Update {len(jobs)} jobs in {target.id}")
+                for job, head, output in jobs:
+                    write_status(tx, self._status(job, output, head))
+                    landed.append((job, head, output))
+            if not messages:
+                return None
+            for message in messages:
+                log.info("flush: %s", message)
+            if len(messages) == 1:
+                return messages[0]
+            return f"{len(messages)} updates\n\n" + "\n".join(messages)
+
+        try:
+            commit = await self.store.update_branch(METADATA_BRANCH, build)
+        except StoreError as exc:
+            log.warning(
+                "failed to update statuses (will retry in %gs): %s\n%s",
+                self.retry_delay,
+                exc,
+                "\n".join(messages),
+            )
+            await trio.sleep(self.retry_delay)
+            self._flush_needed.set()
+            return
+        if commit is not None:
+            self.status_commits += 1
+        STATUS_UPDATES.inc(len(landed))
+        for job, head, output in landed:
+            if job.source == head and job.output is output:
+                job.dirty = False
+
+    @property
+    def handled_commit(self) -> str | None:
+        """The github-metadata commit of the newest recalculation pass."""
+        return None if self._handled is None else self._handled.commit
+
+    async def wait_flushed(self) -> None:
+        """Wait until the next flush has finished (for tests and tools)."""
+        await self._flushed.wait()
+
+    # Queries ------------------------------------------------------------------
+
+    def targets(self) -> dict[Target, TargetView]:
+        """Return every target being tested, with its jobs' latest states."""
+        return {
+            target_id: TargetView(
+                target.value,
+                {n: JobView(n, j.source, j.output) for n, j in target.jobs.items()},
+            )
+            for target_id, target in self._targets.items()
+        }
+
+    def prs(self) -> dict[Repo, dict[int, TargetView]]:
+        """Return the open PRs of each project, with their jobs."""
+        out: dict[Repo, dict[int, TargetView]] = {repo: {} for repo in self.projects}
+        for target_id, view in self.targets().items():
+            if isinstance(target_id, PRTarget):
+                out[target_id.repo][target_id.number] = view
+        return out
+
+    def refs(self) -> dict[Repo, dict[tuple[str, ...], TargetView]]:
+        """Return the branches and tags of each project, with their jobs."""
+        out: dict[Repo, dict[tuple[str, ...], TargetView]] = {
+            r: {} for r in self.projects
+        }
+        for target_id, view in self.targets().items():
+            if isinstance(target_id, RefTarget):
+                out[target_id.repo][target_id.name] = view
+        return out
+
+    def targets_of_commit(self, repo: Repo, commit: str) -> list[Target]:
+        """Return the open targets of `repo` whose head is `commit`."""
+        return list(self._targets_of_commit.get(repo, {}).get(commit, []))
+
+    def latest_state(self, target: Target) -> HistoryState | None:
+        """Return the latest recorded history of `target`, if it is tested."""
+        found = self._targets.get(target)
+        return None if found is None else found.history
+
+    async def rebuild(self, branch_name: str) -> None:
+        """Rebuild every saved log on `branch_name`, then recalculate.
+
+        Raises `KitciError` if no job's output depends on that branch.
+        """
+        triggers = []
+        jobs = []
+        for target in self._targets.values():
+            for job in target.jobs.values():
+                if job.output is None:
+                    continue
+                for saved in _saved_logs(job.output.logs):
+                    if saved.branch == branch_name and saved.rebuild is not None:
+                        triggers.append(saved.rebuild)
+                        jobs.append(job)
+        if not triggers:
+            raise KitciError(
+                f"No job depends on {branch_name!r}, so can't rebuild anything"
+            )
+        for trigger in dict.fromkeys(triggers):
+            await trigger()
+        for job in jobs:
+            job.wake = True
+        self._recalc_needed.set()
+
+
+# Job names that would make kitci's status directory collide with the files
+# of the status `ci/datakit` another system may have written.
+_RESERVED_JOB_NAMES = frozenset({"state", "description", "target_url"})
+
+
+def _still_there(reader: TreeReader, target: Target, head: str) -> bool:
+    """Say whether `target` still exists at `head` in the branch being written."""
+    if isinstance(target, PRTarget):
+        base = f"{target.repo}/pr/{target.number}"
+        state = reader.read(f"{base}/state")
+        if state is None or state.strip() != b"open":
+            return False
+    else:
+        base = f"{target.repo}/ref/{'/'.join(target.name)}"
+    found = reader.read(f"{base}/head")
+    return found is not None and found.strip() == head.encode()
+
+
+async def _wait_any(events: Iterable[trio.Event]) -> None:
+    """Return once any of `events` is set."""
+    async with trio.open_nursery() as nursery:
+        for event in events:
+
+            async def wait(event: trio.Event = event) -> None:
+                await event.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(wait)
