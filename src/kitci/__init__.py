@@ -1,6 +1,7 @@
 """kitci: a continuous-integration engine that keeps its state in Git."""
 
 from . import github
+from ._bridge import LocalBridge
 from ._engine import Engine, JobView, MakeTerms, TargetView
 from ._errors import (
     BuildError,
@@ -44,6 +45,7 @@ from ._results import (
     decode_output,
     encode_output,
 )
+from ._service import PipelineContext
 from ._store import Store, Transaction, TreeReader
 from ._terms import (
     Context,
@@ -85,6 +87,7 @@ __all__ = [
     "JobView",
     "KitciError",
     "LiveLogRef",
+    "LocalBridge",
     "LogPair",
     "Logs",
     "MakeTerms",
@@ -93,6 +96,7 @@ __all__ = [
     "Output",
     "PRTarget",
     "Pending",
+    "PipelineContext",
     "Ref",
     "RefTarget",
     "Repo",
