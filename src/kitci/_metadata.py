@@ -267,23 +267,25 @@ class SnapshotParser:
         repos: dict[Repo, RepoSnapshot] = {}
         if commit is not None:
             root = _commit_root(repo, commit)
-            for user, user_tree in _subtrees(repo, root, ""):
-                for name, repo_tree in _subtrees(repo, user_tree, user, warn=True):
+            for user, user_id in _subtrees(repo, root, ""):
+                user_tree = _tree(repo, user_id)
+                for name, repo_id in _subtrees(repo, user_tree, user, warn=True):
                     if not (
                         is_valid_path_component(user) and is_valid_path_component(name)
                     ):
                         continue
                     r = Repo(user, name)
                     repos[r] = level.cached(
-                        r, repo_tree.id, partial(_parse_repo, repo, r, repo_tree)
+                        r, repo_id, partial(_parse_repo, repo, r, repo_id)
                     )
         self._repos = level.new
         return Snapshot(commit, repos)
 
 
 def _parse_repo(
-    repo: pygit2.Repository, r: Repo, tree: pygit2.Tree, level: _Level
+    repo: pygit2.Repository, r: Repo, tree_id: pygit2.Oid, level: _Level
 ) -> RepoSnapshot:
+    tree = _tree(repo, tree_id)
     base = str(r)
     monitored = False
     if ".monitor" in tree:
@@ -291,58 +293,105 @@ def _parse_repo(
         if not monitored:
             log.warning("%s/.monitor is a directory, not a file; ignoring it", base)
 
-    prs: dict[int, PR] = {}
+    # Each directory is cached as a whole as well as entry by entry: an
+    # unchanged `pr` or `commit` directory costs one comparison, a changed
+    # one a walk over its entries' ids, and only changed entries are read.
+    prs: Mapping[int, PR] = {}
     pr_tree = _child_tree(repo, tree, "pr", base)
     if pr_tree is not None:
-        for number_text, sub in _subtrees(repo, pr_tree, f"{base}/pr", warn=True):
-            path = f"{base}/pr/{number_text}"
-            if not is_valid_pr_number(number_text):
-                log.warning("skipping %s: PR directory name is not a number", path)
-                continue
-            number = int(number_text)
-            pr = level.cached(
-                ("pr", number), sub.id, partial(_parse_pr, repo, r, number, sub, path)
-            )
-            if pr is not None:
-                prs[number] = pr
+        prs = level.cached(("pr",), pr_tree.id, partial(_parse_prs, repo, r, pr_tree))
 
     refs: Mapping[tuple[str, ...], Ref] = {}
     ref_tree = _child_tree(repo, tree, "ref", base)
     if ref_tree is not None:
         refs = level.cached(
-            ("ref",), ref_tree.id, partial(_parse_refs, repo, r, ref_tree, ())
+            ("ref",), ref_tree.id, partial(_parse_refs, repo, r, ref_tree.id, ())
         )
 
-    commits: dict[str, Mapping[tuple[str, ...], Status]] = {}
+    commits: Mapping[str, Mapping[tuple[str, ...], Status]] = {}
     commit_tree = _child_tree(repo, tree, "commit", base)
     if commit_tree is not None:
-        where = f"{base}/commit"
-        for hash_text, sub in _subtrees(repo, commit_tree, where, warn=True):
-            path = f"{where}/{hash_text}"
-            if not is_valid_hash(hash_text):
-                log.warning("skipping %s: not a commit hash", path)
-                continue
-            status_tree = _child_tree(repo, sub, "status", path)
-            if status_tree is None:
-                continue
-            statuses = level.cached(
-                ("commit", hash_text),
-                status_tree.id,
-                partial(_parse_statuses, repo, r, hash_text, status_tree, ()),
-            )
-            if statuses:
-                commits[hash_text] = statuses
+        commits = level.cached(
+            ("commit",), commit_tree.id, partial(_parse_commits, repo, r, commit_tree)
+        )
     return RepoSnapshot(r, str(tree.id), monitored, prs, refs, commits)
+
+
+def _parse_prs(
+    repo: pygit2.Repository, r: Repo, tree: pygit2.Tree, level: _Level
+) -> Mapping[int, PR]:
+    base = str(r)
+    prs: dict[int, PR] = {}
+    for number_text, sub_id in _subtrees(repo, tree, f"{base}/pr", warn=True):
+        path = f"{base}/pr/{number_text}"
+        if not is_valid_pr_number(number_text):
+            log.warning("skipping %s: PR directory name is not a number", path)
+            continue
+        number = int(number_text)
+        pr = level.cached(
+            number, sub_id, partial(_parse_pr_at, repo, r, number, sub_id, path)
+        )
+        if pr is not None:
+            prs[number] = pr
+    return prs
+
+
+def _parse_pr_at(
+    repo: pygit2.Repository,
+    r: Repo,
+    number: int,
+    tree_id: pygit2.Oid,
+    path: str,
+    level: _Level,
+) -> PR | None:
+    return _parse_pr(repo, r, number, _tree(repo, tree_id), path, level)
+
+
+def _parse_commits(
+    repo: pygit2.Repository, r: Repo, tree: pygit2.Tree, level: _Level
+) -> Mapping[str, Mapping[tuple[str, ...], Status]]:
+    where = f"{r}/commit"
+    commits: dict[str, Mapping[tuple[str, ...], Status]] = {}
+    for hash_text, sub_id in _subtrees(repo, tree, where, warn=True):
+        path = f"{where}/{hash_text}"
+        if not is_valid_hash(hash_text):
+            log.warning("skipping %s: not a commit hash", path)
+            continue
+        statuses = level.cached(
+            hash_text, sub_id, partial(_parse_commit, repo, r, hash_text, sub_id, path)
+        )
+        if statuses:
+            commits[hash_text] = statuses
+    return commits
+
+
+def _parse_commit(
+    repo: pygit2.Repository,
+    r: Repo,
+    commit: str,
+    tree_id: pygit2.Oid,
+    path: str,
+    level: _Level,
+) -> Mapping[tuple[str, ...], Status]:
+    status_tree = _child_tree(repo, _tree(repo, tree_id), "status", path)
+    if status_tree is None:
+        return {}
+    return level.cached(
+        ("status",),
+        status_tree.id,
+        partial(_parse_statuses, repo, r, commit, status_tree.id, ()),
+    )
 
 
 def _parse_refs(
     repo: pygit2.Repository,
     r: Repo,
-    tree: pygit2.Tree,
+    tree_id: pygit2.Oid,
     name: tuple[str, ...],
     level: _Level,
 ) -> Mapping[tuple[str, ...], Ref]:
     """Return the refs at and under `ref/NAME`, one cache entry per level."""
+    tree = _tree(repo, tree_id)
     where = "/".join((str(r), "ref", *name))
     refs: dict[tuple[str, ...], Ref] = {}
     ref = _parse_ref(repo, r, tree, name, where) if name else None
@@ -350,9 +399,7 @@ def _parse_refs(
         refs[name] = ref
     for child, sub in _subtrees(repo, tree, where):
         below = (*name, child)
-        refs.update(
-            level.cached(child, sub.id, partial(_parse_refs, repo, r, sub, below))
-        )
+        refs.update(level.cached(child, sub, partial(_parse_refs, repo, r, sub, below)))
     return refs
 
 
@@ -360,11 +407,12 @@ def _parse_statuses(
     repo: pygit2.Repository,
     r: Repo,
     commit: str,
-    tree: pygit2.Tree,
+    tree_id: pygit2.Oid,
     context: tuple[str, ...],
     level: _Level,
 ) -> Mapping[tuple[str, ...], Status]:
     """Return the statuses at and under `commit/HASH/status/CONTEXT`."""
+    tree = _tree(repo, tree_id)
     where = "/".join((str(r), "commit", commit, "status", *context))
     statuses: dict[tuple[str, ...], Status] = {}
     status = _parse_status(repo, r, commit, tree, context, where) if context else None
@@ -374,7 +422,7 @@ def _parse_statuses(
         below = (*context, child)
         statuses.update(
             level.cached(
-                child, sub.id, partial(_parse_statuses, repo, r, commit, sub, below)
+                child, sub, partial(_parse_statuses, repo, r, commit, sub, below)
             )
         )
     return statuses
@@ -416,10 +464,11 @@ def _child_tree(
 
 def _subtrees(
     repo: pygit2.Repository, tree: pygit2.Tree, path: str, *, warn: bool = False
-) -> Iterator[tuple[str, pygit2.Tree]]:
-    """Yield the sub-directories of `tree` (at `path`), skipping files.
+) -> Iterator[tuple[str, pygit2.Oid]]:
+    """Yield the name and id of each sub-directory of `tree` (at `path`).
 
-    With `warn`, where only directories belong, each file is logged.
+    The sub-directories are not loaded: unchanged ones are never read. With
+    `warn`, where only directories belong, each file is logged.
     """
     for entry in tree:
         name = entry.name
@@ -433,9 +482,15 @@ def _subtrees(
                     name,
                 )
             continue
-        obj = _get(repo, entry.id)
-        if isinstance(obj, pygit2.Tree):
-            yield name, obj
+        yield name, entry.id
+
+
+def _tree(repo: pygit2.Repository, oid: pygit2.Oid) -> pygit2.Tree:
+    """Load the directory `oid` (a missing object is a `StoreError`)."""
+    obj = _get(repo, oid)
+    if not isinstance(obj, pygit2.Tree):
+        raise StoreError(f"object {oid} is not a directory")
+    return obj
 
 
 def _read_text(
