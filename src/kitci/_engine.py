@@ -91,7 +91,6 @@ class _Job:
         "source",
         "target",
         "term",
-        "wake",
     )
 
     def __init__(self, target: _Target, name: str, term: Term[str]) -> None:
@@ -112,8 +111,6 @@ class _Job:
         # when that evaluation's task has finished.
         self.scope: trio.CancelScope | None = None
         self.done: trio.Event | None = None
-        # Set when a slow term's event fired or a rebuild was asked for.
-        self.wake = False
         # Set until the first result: that one is compared with the status
         # actually in github-metadata rather than with `output`.
         self.check_written = True
@@ -130,10 +127,12 @@ class _Job:
 class _Target:
     """A PR, branch or tag being tested, with its jobs."""
 
-    __slots__ = ("history", "history_dirty", "id", "jobs", "value")
+    __slots__ = ("history", "history_dirty", "id", "jobs", "seq", "value")
 
-    def __init__(self, value: PR | Ref) -> None:
+    def __init__(self, value: PR | Ref, seq: int) -> None:
         self.id: Target = value.target
+        # Creation order, so that flushes list targets in a stable order.
+        self.seq = seq
         # The PR or ref as in the newest snapshot handled.
         self.value = value
         self.jobs: dict[str, _Job] = {}
@@ -264,6 +263,18 @@ class Engine:
         # Which jobs read each snapshot key, for incremental recalculation.
         self._readers: dict[ReadKey, set[_Job]] = {}
         self._targets_of_commit: dict[Repo, dict[str, list[Target]]] = {}
+        # Every open PR and ref of the projects, the ones among them being
+        # tested (canaries only, if given), and how many of those by kind.
+        self._open: dict[Target, PR | Ref] = {}
+        self._current: dict[Target, PR | Ref] = {}
+        self._counts = dict.fromkeys(("pr", "branch", "tag"), 0)
+        # Jobs whose slow term's event fired, or whose build was rebuilt.
+        self._woken: set[_Job] = set()
+        # Jobs whose status, and targets whose history, await a flush (dicts
+        # as ordered sets; entries of dropped targets are skipped there).
+        self._unflushed: dict[_Job, None] = {}
+        self._unrecorded: dict[_Target, None] = {}
+        self._created = 0
         # Set to ask the recalc task for a pass, and the flush task to run.
         self._recalc_needed = trio.Event()
         self._flush_needed = trio.Event()
@@ -370,26 +381,17 @@ class Engine:
         changed = (
             None if not self.incremental else changed_keys(self._handled, snapshot)
         )
-        counts = {"pr": 0, "branch": 0, "tag": 0}
-        current: dict[Target, PR | Ref] = {}
-        for repo in self.projects:
-            prs = snapshot.prs(repo)
-            refs = snapshot.refs(repo)
-            index: dict[str, list[Target]] = {}
-            values: list[PR | Ref] = [*prs.values(), *refs.values()]
-            for value in values:
-                if isinstance(value, PR) and value.state != "open":
-                    continue
-                index.setdefault(value.head, []).append(value.target)
-                if self.canaries is None or value.target in self.canaries:
-                    current[value.target] = value
-                    counts[value.target.kind] += 1
-            self._targets_of_commit[repo] = index
-        for kind, count in counts.items():
+        if changed is None:
+            self._index_all(snapshot)
+            touched: Collection[Target] = self._current
+        else:
+            touched = self._index_changes(snapshot, changed)
+        current = self._current
+        for kind, count in self._counts.items():
             ACTIVE_TARGETS.labels(kind).set(count)
 
         # Drop closed and vanished targets, cancelling their evaluations.
-        dropped = [t for t in self._targets if t not in current]
+        dropped = [t for t in touched if t in self._targets and t not in current]
         abandoned: set[str] = set()
         for target_id in dropped:
             target = self._targets.pop(target_id)
@@ -401,7 +403,7 @@ class Engine:
                     abandoned.update(_live_branches(job.output.logs))
 
         # Create jobs for new targets, restoring their state from history.
-        new = [t for t in current if t not in self._targets]
+        new = [t for t in touched if t in current and t not in self._targets]
         if new:
             histories = await self.store.run_sync(
                 lambda repo: load_states_sync(repo, new)
@@ -412,11 +414,12 @@ class Engine:
         to_run: list[_Job] = []
         for target_id in list(new):
             value = current[target_id]
-            target = _Target(value)
+            self._created += 1
+            target = _Target(value, self._created)
             target.history = histories[target_id]
             # Record at the first flush even if no output changed, so that
             # jobs the project no longer has are removed from the history.
-            target.history_dirty = True
+            self._mark_history(target)
             try:
                 terms = self.projects[target_id.repo](target_id)
             except Exception:
@@ -442,39 +445,31 @@ class Engine:
             self._targets[target_id] = target
             log.info("monitoring %s (%d jobs)", target_id, len(target.jobs))
 
-        # Decide which existing jobs to evaluate again.
-        if changed is None:
-            for target_id, target in self._targets.items():
-                target.value = current[target_id]
-                if target_id not in new:
-                    to_run.extend(target.jobs.values())
-        else:
-            seen = {id(job) for job in to_run}
-            for key in changed:
-                if key[0] in ("pr", "ref"):
-                    target_id = (
-                        PRTarget(key[1], key[2])  # type: ignore[arg-type]  # from a "pr" key
-                        if key[0] == "pr"
-                        else RefTarget(key[1], key[2])  # type: ignore[arg-type]  # from a "ref" key
-                    )
-                    existing = self._targets.get(target_id)
-                    if existing is not None and target_id not in new:
-                        existing.value = current[target_id]
-                        for job in existing.jobs.values():
-                            if id(job) not in seen:
-                                seen.add(id(job))
-                                to_run.append(job)
-                for job in self._readers.get(key, ()):
-                    if id(job) not in seen:
-                        seen.add(id(job))
-                        to_run.append(job)
-            for target in self._targets.values():
-                for job in target.jobs.values():
-                    if job.wake and id(job) not in seen:
-                        seen.add(id(job))
-                        to_run.append(job)
+        # Decide which existing jobs to evaluate again: in full mode all of
+        # them; otherwise those of targets whose PR or ref changed, those
+        # that read a changed key, and those asking to be evaluated again.
+        seen = {id(job) for job in to_run}
 
-        for branch in abandoned - self._live_branches_in_use():
+        def add(jobs: Iterable[_Job]) -> None:
+            for job in jobs:
+                if id(job) not in seen:
+                    seen.add(id(job))
+                    to_run.append(job)
+
+        for target_id in touched:
+            existing = self._targets.get(target_id)
+            if existing is not None:
+                existing.value = current[target_id]
+                add(existing.jobs.values())
+        if changed is not None:
+            for key in changed:
+                add(self._readers.get(key, ()))
+        woken, self._woken = self._woken, set()
+        add(job for job in woken if job.target.id in self._targets)
+
+        for branch in abandoned - (
+            self._live_branches_in_use() if abandoned else set()
+        ):
             if self.builds is not None:
                 log.info("abandoning build %s: no open target needs it", branch)
                 self.builds.abandon(branch)
@@ -483,6 +478,68 @@ class Engine:
             self._start_evaluation(job, snapshot)
         if not to_run and self._running == 0:
             self._flush_needed.set()
+
+    def _consider(self, value: PR | Ref) -> bool:
+        """Say whether `value` is a target to test (open, and a canary)."""
+        if isinstance(value, PR) and value.state != "open":
+            return False
+        return self.canaries is None or value.target in self.canaries
+
+    def _index_all(self, snapshot: Snapshot) -> None:
+        """Rebuild the open targets, the head index and the counts."""
+        self._open = {}
+        self._current = {}
+        self._counts = dict.fromkeys(("pr", "branch", "tag"), 0)
+        for repo in self.projects:
+            self._targets_of_commit[repo] = {}
+            values: list[PR | Ref] = [
+                *snapshot.prs(repo).values(),
+                *snapshot.refs(repo).values(),
+            ]
+            for value in values:
+                self._set_open(value.target, value)
+
+    def _index_changes(self, snapshot: Snapshot, changed: set[ReadKey]) -> set[Target]:
+        """Update the open targets from the PR and ref keys in `changed`.
+
+        Returns the targets whose PR or ref changed (opened, closed, moved).
+        """
+        touched: set[Target] = set()
+        for key in changed:
+            repo = key[1]
+            if key[0] not in ("pr", "ref") or repo not in self.projects:
+                continue
+            target_id: Target
+            value: PR | Ref | None
+            if key[0] == "pr":
+                target_id = PRTarget(repo, key[2])  # type: ignore[arg-type]  # from a "pr" key
+                value = snapshot.pr(target_id.repo, target_id.number)
+            else:
+                target_id = RefTarget(repo, key[2])  # type: ignore[arg-type]  # from a "ref" key
+                value = snapshot.ref(target_id.repo, target_id.name)
+            self._set_open(target_id, value)
+            touched.add(target_id)
+        return touched
+
+    def _set_open(self, target_id: Target, value: PR | Ref | None) -> None:
+        """Record `target_id`'s new value (None: gone) in the indexes."""
+        index = self._targets_of_commit.setdefault(target_id.repo, {})
+        old = self._open.pop(target_id, None)
+        if old is not None:
+            heads = index.get(old.head, [])
+            if target_id in heads:
+                heads.remove(target_id)
+                if not heads:
+                    del index[old.head]
+        if self._current.pop(target_id, None) is not None:
+            self._counts[target_id.kind] -= 1
+        if value is None or (isinstance(value, PR) and value.state != "open"):
+            return
+        self._open[target_id] = value
+        index.setdefault(value.head, []).append(target_id)
+        if self.canaries is None or target_id in self.canaries:
+            self._current[target_id] = value
+            self._counts[target_id.kind] += 1
 
     def _live_branches_in_use(self) -> set[str]:
         in_use: set[str] = set()
@@ -504,7 +561,7 @@ class Engine:
 
     def _start_evaluation(self, job: _Job, snapshot: Snapshot) -> None:
         assert self._nursery is not None
-        job.wake = False
+        self._woken.discard(job)
         if job.term.immediate and job.scope is None:
             # Nothing to wait for and nothing to cancel: evaluate in place,
             # which saves a task, a cancel scope and a limiter round trip.
@@ -561,7 +618,7 @@ class Engine:
                     # Wait (still inside this evaluation's scope, so a newer
                     # evaluation or the target's closing cancels the wait).
                     await _wait_any(wake_events)
-                    job.wake = True
+                    self._woken.add(job)
                     self._recalc_needed.set()
         finally:
             if counted:
@@ -591,7 +648,7 @@ class Engine:
         # inherits from msgspec compares identities.
         same = old_output is not None and old_output == output
         if old_source != head or not same:
-            job.target.history_dirty = True
+            self._mark_history(job.target)
         # Read from an older snapshot: if any input has changed since,
         # evaluate again (no recalculation pass will, as the job's reads were
         # unknown or different when the change was handled).
@@ -601,7 +658,7 @@ class Engine:
             and latest is not ctx.snapshot
             and any(latest.value(key) != ctx.snapshot.value(key) for key in reads)
         ):
-            job.wake = True
+            self._woken.add(job)
             self._recalc_needed.set()
         if job.check_written:
             # A new job's first result: what counts is whether github-metadata
@@ -619,6 +676,14 @@ class Engine:
             if not job.dirty:
                 log.debug("%s -> %s (marked for flush)", job, output.result.descr)
             job.dirty = True
+            self._unflushed[job] = None
+
+    def _mark_history(self, target: _Target) -> None:
+        target.history_dirty = True
+        self._unrecorded[target] = None
+
+    def _is_current(self, target: _Target) -> bool:
+        return self._targets.get(target.id) is target
 
     # Flush ---------------------------------------------------------------------
 
@@ -682,9 +747,12 @@ class Engine:
         if snapshot is None or snapshot.commit is None:
             return
         records = []
-        for target in self._targets.values():
-            if not target.history_dirty:
-                continue
+        pending = sorted(
+            (t for t in self._unrecorded if self._is_current(t) and t.history_dirty),
+            key=lambda t: t.seq,
+        )
+        self._unrecorded = dict.fromkeys(pending)
+        for target in pending:
             outputs = {
                 name: job.output for name, job in target.jobs.items() if job.output
             }
@@ -711,10 +779,17 @@ class Engine:
                 still.jobs[n].output is o for n, o in outputs.items() if n in still.jobs
             ):
                 still.history_dirty = False
+                self._unrecorded.pop(still, None)
 
     async def _flush_statuses(self) -> None:
         dirty: list[tuple[_Target, list[tuple[_Job, str, Output]]]] = []
-        for target in self._targets.values():
+        self._unflushed = {
+            job: None
+            for job in self._unflushed
+            if job.dirty and self._is_current(job.target)
+        }
+        targets = {job.target: None for job in self._unflushed}
+        for target in sorted(targets, key=lambda t: t.seq):
             jobs = [
                 (job, job.source, job.output)
                 for job in target.jobs.values()
@@ -778,6 +853,7 @@ class Engine:
         for job, head, output in landed:
             if job.source == head and job.output is output:
                 job.dirty = False
+                self._unflushed.pop(job, None)
 
     @property
     def handled_commit(self) -> str | None:
@@ -849,7 +925,7 @@ class Engine:
         for trigger in dict.fromkeys(triggers):
             await trigger()
         for job in jobs:
-            job.wake = True
+            self._woken.add(job)
         self._recalc_needed.set()
 
 

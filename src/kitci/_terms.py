@@ -373,7 +373,7 @@ def _combine(
 async def _run_all(terms: Sequence[Term[Any]], ctx: Context) -> list[Evaluated[Any]]:
     """Evaluate `terms` concurrently (sequentially if all are immediate)."""
     if all(t._sync is not None for t in terms):
-        return [cast(SyncFn[Any], t._sync)(ctx) for t in terms]
+        return [cast("SyncFn[Any]", t._sync)(ctx) for t in terms]
     results: list[Evaluated[Any] | None] = [None] * len(terms)
 
     async def one(index: int, t: Term[Any]) -> None:
@@ -395,7 +395,7 @@ async def _run_all(terms: Sequence[Term[Any]], ctx: Context) -> list[Evaluated[A
 def _gather(terms: Sequence[Term[Any]]) -> Term[list[Any]]:
     """Evaluate all `terms` in parallel; the first non-success in order wins."""
     if all(t._sync is not None for t in terms):
-        syncs = [cast(SyncFn[Any], t._sync) for t in terms]
+        syncs = [cast("SyncFn[Any]", t._sync) for t in terms]
 
         def gathered(ctx: Context) -> Evaluated[list[Any]]:
             results = [s(ctx) for s in syncs]
@@ -545,7 +545,7 @@ def wait_for_all(terms: Sequence[tuple[str, Term[Any]]]) -> Term[None]:
         def run_sync(ctx: Context) -> Evaluated[None]:
             outcome, logs = sync(ctx)
             assert isinstance(outcome, Ok)
-            result, _ = cast(SyncFn[None], verdict(outcome.value)._sync)(ctx)
+            result, _ = cast("SyncFn[None]", verdict(outcome.value)._sync)(ctx)
             return result, logs
 
         return Term(sync=run_sync)
