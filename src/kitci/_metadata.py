@@ -212,6 +212,9 @@ class _Entry:
         self.below = below
 
 
+_NO_ENTRIES: dict[object, _Entry] = {}
+
+
 class _Level:
     """The cache entries under one subtree: the last parse's and this one's."""
 
@@ -231,8 +234,10 @@ class _Level:
         """
         entry = self.old.get(name)
         if entry is None or entry.tree_id != tree_id.raw:
-            below = _Level(entry.below if entry is not None else {})
-            entry = _Entry(tree_id.raw, compute(below), below.new)
+            below = _Level(entry.below if entry is not None else _NO_ENTRIES)
+            # Most subtrees (a PR, a commit's statuses) have no entries of
+            # their own: share one empty mapping instead of one each.
+            entry = _Entry(tree_id.raw, compute(below), below.new or _NO_ENTRIES)
         self.new[name] = entry
         return cast(V, entry.value)
 
@@ -376,11 +381,9 @@ def _parse_commit(
     status_tree = _child_tree(repo, _tree(repo, tree_id), "status", path)
     if status_tree is None:
         return {}
-    return level.cached(
-        ("status",),
-        status_tree.id,
-        partial(_parse_statuses, repo, r, commit, status_tree.id, ()),
-    )
+    # A commit's statuses are few: they are parsed again as a whole when
+    # any of them changes, which keeps no cache entry per context.
+    return _parse_statuses(repo, r, commit, status_tree.id, ())
 
 
 def _parse_refs(
@@ -409,7 +412,6 @@ def _parse_statuses(
     commit: str,
     tree_id: pygit2.Oid,
     context: tuple[str, ...],
-    level: _Level,
 ) -> Mapping[tuple[str, ...], Status]:
     """Return the statuses at and under `commit/HASH/status/CONTEXT`."""
     tree = _tree(repo, tree_id)
@@ -420,11 +422,7 @@ def _parse_statuses(
         statuses[context] = status
     for child, sub in _subtrees(repo, tree, where):
         below = (*context, child)
-        statuses.update(
-            level.cached(
-                child, sub, partial(_parse_statuses, repo, r, commit, sub, below)
-            )
-        )
+        statuses.update(_parse_statuses(repo, r, commit, sub, below))
     return statuses
 
 
