@@ -106,7 +106,7 @@ class _Job:
         self.dirty = False
         # The snapshot keys the last finished evaluation read; None means
         # the job must be evaluated whatever changes.
-        self.reads: frozenset[ReadKey] | None = None
+        self.reads: tuple[ReadKey, ...] | None = None
         # The cancel scope of the evaluation in progress, and an event set
         # when that evaluation's task has finished.
         self.scope: trio.CancelScope | None = None
@@ -261,7 +261,8 @@ class Engine:
         self._handled: Snapshot | None = None
         self._targets: dict[Target, _Target] = {}
         # Which jobs read each snapshot key, for incremental recalculation.
-        self._readers: dict[ReadKey, set[_Job]] = {}
+        # (Lists, not sets: a key has few readers, and a list is smaller.)
+        self._readers: dict[ReadKey, list[_Job]] = {}
         self._targets_of_commit: dict[Repo, dict[str, list[Target]]] = {}
         # Every open PR and ref of the projects, the ones among them being
         # tested (canaries only, if given), and how many of those by kind.
@@ -499,10 +500,11 @@ class Engine:
             for value in values:
                 self._set_open(value.target, value)
 
-    def _index_changes(self, snapshot: Snapshot, changed: set[ReadKey]) -> set[Target]:
+    def _index_changes(self, snapshot: Snapshot, changed: set[ReadKey]) -> list[Target]:
         """Update the open targets from the PR and ref keys in `changed`.
 
-        Returns the targets whose PR or ref changed (opened, closed, moved).
+        Returns the targets whose PR or ref changed (opened, closed, moved),
+        in a stable order (the order jobs are created and flushed in).
         """
         touched: set[Target] = set()
         for key in changed:
@@ -519,7 +521,7 @@ class Engine:
                 value = snapshot.ref(target_id.repo, target_id.name)
             self._set_open(target_id, value)
             touched.add(target_id)
-        return touched
+        return sorted(touched, key=_target_order)
 
     def _set_open(self, target_id: Target, value: PR | Ref | None) -> None:
         """Record `target_id`'s new value (None: gone) in the indexes."""
@@ -553,8 +555,8 @@ class Engine:
         if job.reads:
             for key in job.reads:
                 readers = self._readers.get(key)
-                if readers is not None:
-                    readers.discard(job)
+                if readers is not None and job in readers:
+                    readers.remove(job)
                     if not readers:
                         del self._readers[key]
         job.reads = None
@@ -638,12 +640,13 @@ class Engine:
     ) -> None:
         old_source, old_output = job.source, job.output
         job.source, job.output = head, output
-        reads = frozenset(ctx.reads)
+        # A tuple: it is only iterated, and is a third of a frozenset's size.
+        reads = tuple(ctx.reads)
         if reads != job.reads:
             self._forget_reads(job)
             job.reads = reads
             for key in reads:
-                self._readers.setdefault(key, set()).add(job)
+                self._readers.setdefault(key, []).append(job)
         # `==`, not `!=`: Output defines only __eq__, and the __ne__ it
         # inherits from msgspec compares identities.
         same = old_output is not None and old_output == output
@@ -932,6 +935,13 @@ class Engine:
 # Job names that would make kitci's status directory collide with the files
 # of the status `ci/datakit` another system may have written.
 _RESERVED_JOB_NAMES = frozenset({"state", "description", "target_url"})
+
+
+def _target_order(target: Target) -> tuple[object, ...]:
+    """Sort PRs by number, then refs by name, repository by repository."""
+    if isinstance(target, PRTarget):
+        return (target.repo, 0, target.number, ())
+    return (target.repo, 1, 0, target.name)
 
 
 def _still_there(reader: TreeReader, target: Target, head: str) -> bool:
