@@ -74,11 +74,14 @@ async def git_commit_files(
     branch: str,
     files: dict[str, bytes],
     message: str = "written by git",
+    *,
+    gitlinks: dict[str, str] | None = None,
 ) -> str:
     """Commit `files` on top of `branch` (or as its first commit) with plain git.
 
     Works on bare repositories, through a temporary index: a writer entirely
-    outside kitci, like a bridge in another process. The branch moves by
+    outside kitci, like a bridge in another process. `gitlinks` adds
+    submodule entries (path -> commit hash of another repository). The branch moves by
     compare-and-swap from the head read here.
     """
     env = {"GIT_INDEX_FILE": str(repo / "kitci-test-index")}
@@ -95,6 +98,16 @@ async def git_commit_files(
             "--add",
             "--cacheinfo",
             f"100644,{blob},{path}",
+            env=env,
+        )
+    for path, commit in (gitlinks or {}).items():
+        # A submodule entry: it names a commit of another repository.
+        await git(
+            repo,
+            "update-index",
+            "--add",
+            "--cacheinfo",
+            f"160000,{commit},{path}",
             env=env,
         )
     tree = await git(repo, "write-tree", env=env)

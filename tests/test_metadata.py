@@ -638,3 +638,60 @@ async def test_parser_reuses_values_of_unchanged_subtrees(store: Store) -> None:
             assert snap.prs(repo) == s1.prs(repo)
             assert snap.refs(repo) == s1.refs(repo)
         assert snap.statuses(ALICE, H1) == s1.statuses(ALICE, H1)
+
+
+async def test_submodule_links_are_skipped_not_read(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A submodule link where a file or directory belongs names a commit of
+    another repository: it is malformed metadata, skipped with a warning
+    naming its path, never a store failure that stops the snapshot."""
+    outside = "3" * 40
+    await git_commit_files(
+        store.path,
+        METADATA_BRANCH,
+        {
+            f"{ALICE}/.monitor": b"",
+            f"{BOB}/.monitor": b"",
+            **{p: f"{v}\n".encode() for p, v in _pr_texts(1, H1).items()},
+            **{
+                p: f"{v}\n".encode()
+                for p, v in _pr_texts(9, H2).items()
+                if "head" not in p
+            },
+            f"{ALICE}/commit/{H1}/status/ci/other/description": b"d\n",
+            f"{ALICE}/commit/{H1}/status/ci/mine/state": b"success\n",
+            f"{BOB}/ref/heads/main/head": f"{H1}\n".encode(),
+        },
+        gitlinks={
+            f"{ALICE}/pr/9/head": outside,
+            f"{ALICE}/commit/{H1}/status/ci/other/state": outside,
+            f"{ALICE}/ref/heads/x/head": outside,
+            f"{BOB}/pr": outside,
+        },
+    )
+    caplog.set_level(logging.WARNING, "kitci.metadata")
+    snap = await snapshot(store)
+
+    assert set(snap.prs(ALICE)) == {1}
+    assert snap.refs(ALICE) == {}
+    assert set(snap.statuses(ALICE, H1)) == {("ci", "mine")}
+    assert snap.prs(BOB) == {}
+    assert set(snap.refs(BOB)) == {("heads", "main")}
+    for path in (
+        f"{ALICE}/pr/9/head",
+        f"{ALICE}/commit/{H1}/status/ci/other/state",
+        f"{ALICE}/ref/heads/x/head",
+        f"{BOB}/pr",
+    ):
+        assert any(path in r.getMessage() for r in caplog.records), path
+
+
+def _pr_texts(number: int, head: str) -> dict[str, str]:
+    base = f"{ALICE}/pr/{number}"
+    return {
+        f"{base}/head": head,
+        f"{base}/state": "open",
+        f"{base}/owner": "bob",
+        f"{base}/title": "t",
+    }

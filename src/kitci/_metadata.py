@@ -294,9 +294,15 @@ def _parse_repo(
     base = str(r)
     monitored = False
     if ".monitor" in tree:
-        monitored = isinstance(_get(repo, tree[".monitor"].id), pygit2.Blob)
-        if not monitored:
-            log.warning("%s/.monitor is a directory, not a file; ignoring it", base)
+        monitored = tree[".monitor"].filemode in _FILE_MODES
+        if monitored:
+            _get(repo, tree[".monitor"].id)  # a missing object is an error
+        else:
+            log.warning(
+                "%s/.monitor is %s, not a file; ignoring it",
+                base,
+                _kind(tree[".monitor"].filemode),
+            )
 
     # Each directory is cached as a whole as well as entry by entry: an
     # unchanged `pr` or `commit` directory costs one comparison, a changed
@@ -453,9 +459,11 @@ def _child_tree(
     """
     if name not in tree:
         return None
-    obj = _get(repo, tree[name].id)
-    if isinstance(obj, pygit2.Tree):
-        return obj
+    entry = tree[name]
+    if entry.filemode == _TREE_MODE:
+        obj = _get(repo, entry.id)
+        if isinstance(obj, pygit2.Tree):
+            return obj
     log.warning("skipping %s/%s: a file where a directory is expected", path, name)
     return None
 
@@ -491,6 +499,17 @@ def _tree(repo: pygit2.Repository, oid: pygit2.Oid) -> pygit2.Tree:
     return obj
 
 
+_TREE_MODE = pygit2.enums.FileMode.TREE
+_FILE_MODES = frozenset(
+    {pygit2.enums.FileMode.BLOB, pygit2.enums.FileMode.BLOB_EXECUTABLE}
+)
+
+
+def _kind(mode: int) -> str:
+    """Name what a tree entry that is not a plain file is."""
+    return "a directory" if mode == _TREE_MODE else "a submodule link"
+
+
 def _read_text(
     repo: pygit2.Repository,
     tree: pygit2.Tree,
@@ -509,11 +528,16 @@ def _read_text(
     """
     if name not in tree:
         return None
-    obj = _get(repo, tree[name].id)
-    if not isinstance(obj, pygit2.Blob):
+    entry = tree[name]
+    if entry.filemode not in _FILE_MODES:
+        # A directory, or a submodule link (which points outside the store,
+        # so reading it would look like a missing object).
         if optional:
             return None
-        raise _Malformed(f"{path}/{name} is a directory, not a file")
+        raise _Malformed(f"{path}/{name} is {_kind(entry.filemode)}, not a file")
+    obj = _get(repo, entry.id)
+    if not isinstance(obj, pygit2.Blob):
+        raise _Malformed(f"{path}/{name} is not a file")
     try:
         return obj.data.decode("utf-8").strip()
     except UnicodeDecodeError:
