@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from kitci import (
     Transaction,
     TreeReader,
 )
+from kitci._store import STALE_LOCK_SECONDS
 from support import GIT_ENV, branch_head, git, git_bytes, git_commit_files
 
 # Opening -------------------------------------------------------------------------
@@ -658,3 +660,39 @@ async def test_wait_for_head_notices_deletion(store: Store) -> None:
             await trio.testing.wait_all_tasks_blocked()
             await git(store.path, "update-ref", "-d", "refs/heads/b")
     assert results == [None]
+
+
+def _write_one(path: str, text: str) -> Callable[[TreeReader, Transaction], str]:
+    def build(reader: TreeReader, tx: Transaction) -> str:
+        tx.write(path, text)
+        return f"write {path}"
+
+    return build
+
+
+async def test_a_lock_left_by_a_dead_writer_is_removed(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ref lock older than a minute (a writer killed mid-write) no longer
+    blocks the branch for good: it is removed, with a warning naming it."""
+    await store.update_branch("b", _write_one("f", "1\n"))
+    lock = store.path / "refs" / "heads" / "b.lock"
+    lock.write_text("0" * 40 + "\n")
+    old = lock.stat().st_mtime - STALE_LOCK_SECONDS - 5
+    os.utime(lock, (old, old))
+
+    assert await store.update_branch("b", _write_one("f", "2\n")) is not None
+    assert not lock.exists()
+    assert await git(store.path, "show", "b:f") == "2"
+    assert any(str(lock) in r.getMessage() for r in caplog.records)
+
+
+async def test_a_fresh_lock_is_another_writer_at_work(store: Store) -> None:
+    """A lock just taken is someone else moving the branch: a conflict,
+    retried, and the lock is left alone."""
+    await store.update_branch("b", _write_one("f", "1\n"))
+    lock = store.path / "refs" / "heads" / "b.lock"
+    lock.write_text("0" * 40 + "\n")
+    with pytest.raises(ConflictError):
+        await store.update_branch("b", _write_one("f", "2\n"), attempts=2)
+    assert lock.exists()

@@ -41,6 +41,8 @@ _TREE = pygit2.enums.FileMode.TREE
 # into one pack file (see `_packs`).
 _PACK_THRESHOLD = 64
 _EMPTY_TREE = bytes.fromhex("4b825dc642cb6eb9a060e54bf8d69288fbee4904")
+# A ref lock file older than this was left by a writer that died.
+STALE_LOCK_SECONDS = 60.0
 # The default cap on libgit2's (process-wide) object cache; see Store.open.
 # Measured on a 10 000-target store: no cache saves 2.5 KB of resident
 # memory per job (the cache churns through far more than it keeps) and
@@ -535,12 +537,38 @@ def move_branch(
             # this Reference object was read with (a lock-file CAS).
             ref.set_target(target, message.split("\n", 1)[0])
     except (pygit2.AlreadyExistsError, KeyError, pygit2.GitError, OSError) as exc:
+        if _is_lock_error(exc) and _remove_stale_lock(repo, ref_name):
+            move_branch(repo, branch, parent, oid, message)
+            return
         actual = _branch_head(repo, branch)
         if actual != parent or _is_lock_error(exc):
             # Moved, or being moved by another process right now: either
             # way our commit must be rebuilt on whatever it leaves.
             raise ConflictError(branch, parent, actual) from exc
         raise StoreError(f"cannot move branch {branch!r}: {exc}") from exc
+
+
+def _remove_stale_lock(repo: pygit2.Repository, ref_name: str) -> bool:
+    """Remove `ref_name`'s lock file if a writer that died left it; say so.
+
+    Git and libgit2 hold a ref's lock for milliseconds while moving it, so a
+    lock older than `STALE_LOCK_SECONDS` belongs to a process that was
+    killed mid-write, and would otherwise block the branch for good.
+    """
+    lock = Path(repo.path) / f"{ref_name}.lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < STALE_LOCK_SECONDS:
+        return False
+    log.warning(
+        "removing %s: a lock left %d s ago by a writer that did not finish",
+        lock,
+        age,
+    )
+    lock.unlink(missing_ok=True)
+    return True
 
 
 def _is_lock_error(exc: Exception) -> bool:
