@@ -1017,3 +1017,38 @@ async def test_bad_arguments() -> None:
         Engine(store, {}, web_ui="ftp://x")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_evaluations"):
         Engine(store, {}, max_evaluations=0)  # type: ignore[arg-type]
+
+
+async def test_history_that_could_not_be_recorded_is_retried(store: Store) -> None:
+    """A status branch held by another writer's lock is recorded once the
+    lock goes, without any new snapshot to prompt it."""
+    engine = make_engine(store, {ALICE: same_jobs(test=sync_job(lambda ctx: "ok"))})
+    branch = status_branch_name(PR1)
+    async with running(engine):
+        await bridge(store, {**MONITOR, **pr(1, sha("a"))})
+        await until(engine, lambda: engine.latest_state(PR1) not in (None, EMPTY_STATE))
+        first = await store.head(branch)
+
+        # Another writer holds the branch's lock while the head moves.
+        lock = store.path / "refs" / "heads" / f"{branch}.lock"
+        lock.write_text(f"{first}\n")
+        await bridge(store, pr(1, sha("b")))
+        await until(engine, partial(status_is, store, sha("b"), "success"))
+        assert await store.head(branch) == first
+
+        # Once it is released, the retry records the new head.
+        lock.unlink()
+
+        async def recorded() -> bool:
+            head = await store.head(branch)
+            if head == first:
+                return False
+            return await file_at(store, head or "", "source-commit") == sha("b")
+
+        with trio.fail_after(10):
+            while not await recorded():
+                await engine.wait_flushed()
+
+
+async def status_is(store: Store, head: str, state: str) -> bool:
+    return await status(store, head, "test") == state

@@ -54,7 +54,7 @@ async def record(
     if previous is None:
         previous = (await load(store, target))[target]
     entry = (target, previous, source, META, outputs)
-    written = await store.run_sync(lambda repo: record_states_sync(repo, [entry]))
+    written, _ = await store.run_sync(lambda repo: record_states_sync(repo, [entry]))
     return written.get(target)
 
 
@@ -175,7 +175,7 @@ async def test_one_index_commit_for_many_targets(store: Store) -> None:
         (t, EMPTY_STATE, H1, META, {"test": OK})
         for t in (PR1, MASTER, RefTarget(ALICE, ("tags", "v1")))
     ]
-    written = await store.run_sync(lambda repo: record_states_sync(repo, entries))
+    written, _ = await store.run_sync(lambda repo: record_states_sync(repo, entries))
     assert set(written) == {PR1, MASTER, RefTarget(ALICE, ("tags", "v1"))}
     index_log = await messages(store, INDEX_BRANCH)
     assert len(index_log) == 1
@@ -209,3 +209,26 @@ async def test_missing_state_commit_is_a_store_error(store: Store) -> None:
     fresh = await Store.open(store.path)
     with pytest.raises(StoreError, match="status-alice-proj-pr-1"):
         await load(fresh, PR1)
+
+
+async def test_loading_fills_commit_index_gaps_left_by_a_crash(store: Store) -> None:
+    """States recorded on status branches but never indexed (the writer
+    stopped in between) are indexed when they are loaded again."""
+    pr_state = await record(store, PR1, H1, {"test": OK})
+    ref_state = await record(store, MASTER, H2, {"test": OK})
+    assert pr_state is not None
+    assert ref_state is not None
+    # As if the process had died before writing commit-index at all.
+    await store.run_sync(
+        lambda repo: repo.references.delete(f"refs/heads/{INDEX_BRANCH}")
+    )
+    assert await builds_of_commit(store, ALICE, H1) == {}
+
+    assert (await load(store, PR1, MASTER))[PR1] == pr_state
+    assert await builds_of_commit(store, ALICE, H1) == {PR1: pr_state.commit}
+    assert await builds_of_commit(store, ALICE, H2) == {MASTER: ref_state.commit}
+
+    # Nothing is missing any more, so loading again writes nothing.
+    index = await store.head(INDEX_BRANCH)
+    await load(store, PR1, MASTER)
+    assert await store.head(INDEX_BRANCH) == index

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import urllib.parse
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from typing import Protocol
@@ -276,6 +277,8 @@ class Engine:
         self._unflushed: dict[_Job, None] = {}
         self._unrecorded: dict[_Target, None] = {}
         self._created = 0
+        # When the flush task should run again by itself (after a failure).
+        self._retry_at = math.inf
         # Set to ask the recalc task for a pass, and the flush task to run.
         self._recalc_needed = trio.Event()
         self._flush_needed = trio.Event()
@@ -726,7 +729,9 @@ class Engine:
         # After a store failure, flush again at once.
         self._flush_needed.set()
         while True:
-            await self._flush_needed.wait()
+            with trio.move_on_at(self._retry_at):
+                await self._flush_needed.wait()
+            self._retry_at = math.inf
             self._flush_needed = trio.Event()
             # Give evaluations still running a moment to finish, so that
             # their results share one commit.
@@ -768,12 +773,16 @@ class Engine:
             )
         if not records:
             return
-        written = await self.store.run_sync(
+        written, failed = await self.store.run_sync(
             lambda repo: record_states_sync(repo, records)
         )
+        if failed:
+            # Try those again after the retry delay, even if nothing else
+            # asks for a flush by then.
+            self._retry_at = trio.current_time() + self.retry_delay
         for target_id, _, _, _, outputs in records:
             still = self._targets.get(target_id)
-            if still is None:
+            if still is None or target_id in failed:
                 continue
             if target_id in written:
                 still.history = written[target_id]

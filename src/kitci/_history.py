@@ -110,8 +110,31 @@ def _read_state_or_fail(repo: pygit2.Repository, branch: str) -> HistoryState:
 def load_states_sync(
     repo: pygit2.Repository, targets: Sequence[Target]
 ) -> dict[Target, HistoryState]:
-    """Read the latest recorded state of each target (empty if none)."""
-    return {t: _read_state(repo, status_branch_name(t)) for t in targets}
+    """Read the latest recorded state of each target (empty if none).
+
+    Also lists on `commit-index` any of these states it lacks: a writer
+    stopped between recording a state and indexing it leaves such a gap,
+    and nothing else would fill it while the state stays unchanged.
+    """
+    states = {t: _read_state(repo, status_branch_name(t)) for t in targets}
+    index = TreeReader(repo, _commit_tree(repo, _branch_head(repo, INDEX_BRANCH)))
+    missing = []
+    for target, state in states.items():
+        if state.commit is None or state.source_commit is None:
+            continue
+        path = f"{target.repo}/commit/{state.source_commit}/{status_sub_name(target)}"
+        if index.read(path) is None:
+            missing.append((target, state.source_commit, state.commit))
+    if missing:
+        log.warning(
+            "adding %d states missing from %s (a writer stopped before it "
+            "indexed them), first %s",
+            len(missing),
+            INDEX_BRANCH,
+            missing[0][0],
+        )
+        _write_index(repo, missing)
+    return states
 
 
 def one_line(descr: str) -> str:
@@ -132,8 +155,9 @@ def _message(changes: list[str]) -> str:
 def record_states_sync(
     repo: pygit2.Repository,
     records: Sequence[tuple[Target, HistoryState, str, str, Mapping[str, Output]]],
-) -> dict[Target, HistoryState]:
-    """Record new states, returning the states now on each status branch.
+) -> tuple[dict[Target, HistoryState], set[Target]]:
+    """Record new states; return the states now on the status branches, and
+    the targets whose branch could not be moved (to try again later).
 
     Each record is (target, previous state, source commit, metadata commit,
     outputs by job). A commit is written only when an output changed, a job
@@ -181,20 +205,22 @@ def record_states_sync(
     write_objects(repo, pack)
 
     index_entries: list[tuple[Target, str, str]] = []
+    failed: set[Target] = set()
     for target, parent, new, state, message in prepared:
         try:
             move_branch(repo, status_branch_name(target), parent, new, message)
         except ConflictError as exc:
             # Only kitci writes status branches; if another writer did, leave
-            # this target for the next flush, which re-reads the branch.
-            log.warning("%s: history not recorded: %s", target, exc)
+            # this target for a later flush, which re-reads the branch.
+            log.warning("%s: history not recorded (will retry): %s", target, exc)
+            failed.add(target)
             continue
         log.info("%s: recorded %s", target, message.split("\n", 1)[0])
         written[target] = state
         index_entries.append((target, state.source_commit or "", new))
     if index_entries:
         _write_index(repo, index_entries)
-    return written
+    return written, failed
 
 
 def _write_index(
