@@ -122,9 +122,9 @@ def test_parse_target_arg_errors_name_the_bad_part(text: str, bad: str) -> None:
 
 
 def test_pr_numbers_are_ascii_digits_without_leading_zeros() -> None:
-    assert is_valid_pr_number("0")
+    assert is_valid_pr_number("1")
     assert is_valid_pr_number("120")
-    for bad in ("", "007", "²", "\u0661", "+1", "-1", " 1", "1 "):
+    for bad in ("", "0", "007", "²", "\u0661", "+1", "-1", " 1", "1 "):
         assert not is_valid_pr_number(bad), bad
 
 

@@ -48,15 +48,20 @@ GOOD_PIPELINE = (
 
 
 async def kitci(*args: str, cwd: Path) -> tuple[int, str, str]:
-    """Run `python -m kitci ARGS` in `cwd`; return status, stdout, stderr."""
-    done = await trio.run_process(
-        [sys.executable, "-m", "kitci", *args],
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
-        cwd=cwd,
-        env=GIT_ENV,
-    )
+    """Run `python -m kitci ARGS` in `cwd`; return status, stdout, stderr.
+
+    A command that should stop by itself but runs on (a service that
+    started when it should have refused) fails the test instead of hanging.
+    """
+    with trio.fail_after(60):
+        done = await trio.run_process(
+            [sys.executable, "-m", "kitci", *args],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            cwd=cwd,
+            env=GIT_ENV,
+        )
     return done.returncode, done.stdout.decode(), done.stderr.decode()
 
 
@@ -213,6 +218,66 @@ BAD_SERVE: list[tuple[str, dict[str, str], list[str], str]] = [
         "--repo alice/proj=nowhere: nowhere does not exist",
     ),
     (
+        "repo not a git repository",
+        {"p.py": GOOD_PIPELINE, "src/x": ""},
+        ["--pipeline", "p.py", "--repo", "alice/proj=src"],
+        "--repo alice/proj=src: src is not a Git repository",
+    ),
+    (
+        "repo name with a space",
+        {"p.py": GOOD_PIPELINE},
+        ["--pipeline", "p.py", "--repo", "al ice/proj=src"],
+        "user name 'al ice'",
+    ),
+    (
+        "web ui with a fragment",
+        {"p.py": GOOD_PIPELINE},
+        ["--pipeline", "p.py", "--web-ui", "http://host/?q=1#frag"],
+        "has a query or fragment",
+    ),
+    (
+        "web ui with a newline",
+        {"p.py": GOOD_PIPELINE},
+        ["--pipeline", "p.py", "--web-ui", "http://host/\nX"],
+        "white space or control characters",
+    ),
+    (
+        "web ui with a bad port",
+        {"p.py": GOOD_PIPELINE},
+        ["--pipeline", "p.py", "--web-ui", "http://host:notaport/"],
+        "invalid port",
+    ),
+    (
+        "canary outside the projects",
+        {"p.py": GOOD_PIPELINE},
+        ["--pipeline", "p.py", "--canary", "bob/other/prs/1"],
+        "bob/other is not a project of the pipeline",
+    ),
+    (
+        "canary PR 0",
+        {"p.py": GOOD_PIPELINE},
+        ["--pipeline", "p.py", "--canary", "alice/proj/prs/0"],
+        "alice/proj/prs/0",
+    ),
+    (
+        "metrics host name",
+        {"p.py": GOOD_PIPELINE},
+        ["--pipeline", "p.py", "--metrics", "localhost:0"],
+        "is not an IP address",
+    ),
+    (
+        "poll interval too small",
+        {"p.py": GOOD_PIPELINE},
+        ["--pipeline", "p.py", "--poll-interval", "1e-300"],
+        "must be between 0.01 and 3600 seconds",
+    ),
+    (
+        "work dir under a file",
+        {"p.py": GOOD_PIPELINE, "afile": "precious\n"},
+        ["--pipeline", "p.py", "--work-dir", "afile/work"],
+        "cannot create --work-dir afile/work: afile is a file",
+    ),
+    (
         "repo twice",
         {"p.py": GOOD_PIPELINE, "src/x": ""},
         ["--pipeline", "p.py", "--repo", "alice/proj=src", "--repo", "alice/proj=src"],
@@ -264,7 +329,7 @@ BAD_SERVE: list[tuple[str, dict[str, str], list[str], str]] = [
         "bad poll interval",
         {"p.py": GOOD_PIPELINE},
         ["--pipeline", "p.py", "--poll-interval", "0"],
-        "argument --poll-interval: '0' must be a positive number",
+        "argument --poll-interval: '0' must be between 0.01 and 3600 seconds",
     ),
     (
         "bad log level",
@@ -539,10 +604,13 @@ def test_metrics_addresses() -> None:
     assert _metrics_arg("none") is None
     assert _metrics_arg("127.0.0.1:0") == ("127.0.0.1", 0)
     assert _metrics_arg("[::1]:9090") == ("::1", 9090)
-    assert _metrics_arg("localhost:9091") == ("localhost", 9091)
     for bad in ("9090", ":9090", "127.0.0.1:", "127.0.0.1:99999", "[::1]9090"):
         with pytest.raises(Exception, match=r"ADDR:PORT|0-65535"):
             _metrics_arg(bad)
+    # Names are refused rather than looked up.
+    for name in ("localhost:9091", "999.0.0.1:0"):
+        with pytest.raises(Exception, match="is not an IP address"):
+            _metrics_arg(name)
 
 
 def test_http_responses() -> None:

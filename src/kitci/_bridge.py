@@ -33,7 +33,7 @@ import trio
 
 from ._errors import StoreError
 from ._metadata import METADATA_BRANCH
-from ._model import Repo, is_valid_ref_name
+from ._model import Repo, is_valid_pr_number, is_valid_ref_name
 from ._store import Store, Transaction, TreeReader
 
 __all__ = ["LocalBridge"]
@@ -294,7 +294,7 @@ def _read_pull(
     if len(parts) != 4 or parts[3] != "head":
         return None
     number = parts[2]
-    if not (number.isascii() and number.isdigit() and str(int(number)) == number):
+    if not is_valid_pr_number(number):
         log.warning(
             "skipping ref %s in %s (bridged as %s): %r is not a PR number",
             name,
@@ -431,7 +431,7 @@ def _stage_repo(
     closed = sorted(
         int(n)
         for n in existing_prs
-        if n.isascii() and n.isdigit() and str(int(n)) == n and int(n) not in source.prs
+        if is_valid_pr_number(n) and int(n) not in source.prs
     )
     for number in closed:
         tx.remove(f"{base}/pr/{number}")

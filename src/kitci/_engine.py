@@ -57,6 +57,7 @@ from ._model import (
     Repo,
     Status,
     Target,
+    check_web_ui,
     datakit_context,
     is_valid_path_component,
     trim_description,
@@ -233,11 +234,10 @@ class Engine:
         flush_delay: float = 0.5,
         builds: BuildAbandoner | None = None,
     ) -> None:
-        parsed = urllib.parse.urlsplit(web_ui)
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise ValueError(
-                f"web_ui must be an absolute http or https URL, not {web_ui!r}"
-            )
+        try:
+            check_web_ui(web_ui)
+        except ValueError as exc:
+            raise ValueError(f"web_ui: {exc}") from None
         if max_evaluations < 1:
             raise ValueError(f"max_evaluations must be >= 1, not {max_evaluations}")
         if retry_delay < 0 or flush_delay < 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import re
+import urllib.parse
 from typing import Literal
 
 import msgspec
@@ -18,6 +19,9 @@ _HASH_RE = re.compile(r"[0-9a-f]{40}")
 # A PR number as written in paths and on the command line: ASCII digits only
 # (`str.isdigit` also accepts characters such as "²" that `int` refuses).
 _NUMBER_RE = re.compile(r"[0-9]+")
+# What GitHub allows in user and repository names (Repo.parse checks names
+# given by people; names read from a store are only checked to be paths).
+_GITHUB_NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
 
 
 class Repo(msgspec.Struct, frozen=True, order=True):
@@ -37,9 +41,10 @@ class Repo(msgspec.Struct, frozen=True, order=True):
             raise InvalidNameError(f"repository {text!r} must look like USER/REPO")
         user, name = parts
         for what, value in (("user", user), ("repository", name)):
-            if not is_valid_path_component(value):
+            if _GITHUB_NAME_RE.fullmatch(value) is None or value in (".", ".."):
                 raise InvalidNameError(
-                    f"{what} name {value!r} in {text!r} is not a valid name"
+                    f"{what} name {value!r} in {text!r} is not a valid name "
+                    "(letters, digits, '.', '-' and '_' only)"
                 )
         return cls(user, name)
 
@@ -146,9 +151,9 @@ def parse_target_arg(text: str) -> Target:
     kind, rest = parts[2], parts[3:]
     if kind == "prs":
         number = "/".join(rest)
-        if _NUMBER_RE.fullmatch(number) is None:
+        if _NUMBER_RE.fullmatch(number) is None or int(number) == 0:
             raise InvalidNameError(
-                f"PR number {number!r} in target {text!r} is not a number"
+                f"PR number {number!r} in target {text!r} is not a number from 1"
             )
         return PRTarget(repo, int(number))
     if kind in ("heads", "tags"):
@@ -173,9 +178,13 @@ def is_valid_pr_number(text: str) -> bool:
     """Say whether `text` is a PR number as the metadata writes it.
 
     Only ASCII digits, without leading zeros (so `pr/7` and `pr/007` cannot
-    both name PR 7).
+    both name PR 7), and not 0: GitHub numbers PRs from 1.
     """
-    return _NUMBER_RE.fullmatch(text) is not None and str(int(text)) == text
+    return (
+        _NUMBER_RE.fullmatch(text) is not None
+        and str(int(text)) == text
+        and int(text) > 0
+    )
 
 
 def is_valid_path_component(part: str) -> bool:
@@ -384,4 +393,27 @@ def trim_description(text: str, limit: int = 140) -> str:
     text = text.strip()
     if len(text) > limit:
         text = text[:limit].rstrip()
+    return text
+
+
+def check_web_ui(text: str) -> str:
+    """Return `text` if it can be the base of status target URLs.
+
+    It must be an absolute http or https address with no query, fragment,
+    white space or control characters (the job's path and query are added
+    to it). Raises `ValueError` saying what is wrong.
+    """
+    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in text):
+        raise ValueError(f"{text!r} contains white space or control characters")
+    parsed = urllib.parse.urlsplit(text)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ValueError(f"{text!r} is not an absolute http:// or https:// address")
+    if parsed.query or parsed.fragment or text.endswith(("?", "#")):
+        raise ValueError(
+            f"{text!r} has a query or fragment; give the address of the web UI only"
+        )
+    try:
+        parsed.port  # noqa: B018  # parsing the port is the check
+    except ValueError:
+        raise ValueError(f"{text!r} has an invalid port") from None
     return text

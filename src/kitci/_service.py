@@ -16,6 +16,7 @@ import argparse
 import functools
 import importlib.util
 import inspect
+import ipaddress
 import json
 import logging
 import signal
@@ -45,6 +46,7 @@ from ._model import (
     Ref,
     Repo,
     Target,
+    check_web_ui,
     is_valid_path_component,
     parse_target_arg,
     status_branch_name,
@@ -64,6 +66,10 @@ DEFAULT_METRICS = "127.0.0.1:9090"
 DEFAULT_MAX_EVALUATIONS = 50
 DEFAULT_POLL_INTERVAL = 1.0
 DEFAULT_BRIDGE_INTERVAL = 1.0
+# Bounds of --poll-interval and --bridge-interval, in seconds: polling more
+# often than 100 times a second only burns a core.
+MIN_INTERVAL = 0.01
+MAX_INTERVAL = 3600.0
 # The module name a pipeline file is imported as.
 PIPELINE_MODULE = "kitci_pipeline"
 # The job reported when a pipeline's jobs function misbehaves for a target.
@@ -173,12 +179,10 @@ def _repo_arg(text: str) -> tuple[Repo, Path]:
 
 
 def _web_ui_arg(text: str) -> str:
-    parsed = urllib.parse.urlsplit(text)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not an absolute http:// or https:// address"
-        )
-    return text
+    try:
+        return check_web_ui(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _canary_arg(text: str) -> Target:
@@ -198,13 +202,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+def _interval(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
+    if not MIN_INTERVAL <= value <= MAX_INTERVAL:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must be between {MIN_INTERVAL} and {MAX_INTERVAL:g} seconds"
+        )
     return value
 
 
@@ -224,6 +230,13 @@ def _metrics_arg(text: str) -> tuple[str, int] | None:
         raise argparse.ArgumentTypeError(
             f"port {port_text!r} in {text!r} is not 0-65535"
         )
+    try:
+        # An address, not a name: nothing is looked up.
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{host!r} in {text!r} is not an IP address (e.g. 127.0.0.1 or ::1)"
+        ) from None
     return host, int(port_text)
 
 
@@ -320,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--poll-interval",
         metavar="SECONDS",
-        type=_positive_float,
+        type=_interval,
         default=DEFAULT_POLL_INTERVAL,
         help="how often to look for changes to github-metadata made by other "
         f"processes (default: {DEFAULT_POLL_INTERVAL:g})",
@@ -328,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--bridge-interval",
         metavar="SECONDS",
-        type=_positive_float,
+        type=_interval,
         default=DEFAULT_BRIDGE_INTERVAL,
         help="how often to poll the --repo repositories "
         f"(default: {DEFAULT_BRIDGE_INTERVAL:g})",
@@ -562,33 +575,67 @@ def _check_store_path(path: Path) -> None:
             f"store path {path} is a file; give the path of a Git repository or "
             "of a folder to create one in"
         )
+    _check_can_create(path, f"the store {path}")
+
+
+def _check_can_create(path: Path, what: str) -> None:
+    """Raise `UsageError` if `path` is missing and a file is in its way."""
     if not path.exists():
         for parent in path.parents:
             if parent.exists():
                 if not parent.is_dir():
-                    raise UsageError(
-                        f"cannot create the store {path}: {parent} is a file"
-                    )
+                    raise UsageError(f"cannot create {what}: {parent} is a file")
                 break
+
+
+def _git_dir(path: Path) -> Path | None:
+    """Return the Git directory of the repository at `path` (exactly), or None."""
+    try:
+        found = pygit2.discover_repository(str(path))
+    except pygit2.GitError:
+        return None
+    if found is None:
+        return None
+    git_dir = Path(found).resolve()
+    return git_dir if git_dir in (path.resolve(), (path / ".git").resolve()) else None
 
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:
     """Check the options of `kitci serve`; raise `UsageError` naming a mistake."""
     repos: dict[Repo, Path] = {}
-    for repo, path in args.repo:
-        if repo in repos:
+    named = [repo for repo, _ in args.repo]
+    for repo in named:
+        if named.count(repo) > 1:
             raise UsageError(f"--repo names {repo} twice")
+    for repo, path in args.repo:
         if not path.exists():
             raise UsageError(f"--repo {repo}={path}: {path} does not exist")
         if not path.is_dir():
             raise UsageError(f"--repo {repo}={path}: {path} is not a folder")
+        if _git_dir(path) is None:
+            raise UsageError(f"--repo {repo}={path}: {path} is not a Git repository")
         repos[repo] = path.absolute()
     store = Path(args.store)
     _check_store_path(store)
+    store_git_dir = _git_dir(store) if store.exists() else None
+    for repo, path in repos.items():
+        if store_git_dir is not None and _git_dir(path) == store_git_dir:
+            # kitci's own branches would be bridged back in, without end.
+            raise UsageError(
+                f"--repo {repo}={path} is the store itself; keep the store in "
+                "a repository of its own"
+            )
     work_dir = Path(args.work_dir)
     if work_dir.exists() and not work_dir.is_dir():
         raise UsageError(f"--work-dir {work_dir} is not a folder")
+    _check_can_create(work_dir, f"--work-dir {work_dir}")
     pipeline = load_pipeline(args.pipeline)
+    for canary in args.canary:
+        if canary.repo not in pipeline.projects:
+            raise UsageError(
+                f"--canary {canary.to_arg()}: {canary.repo} is not a project of "
+                f"the pipeline {args.pipeline}"
+            )
     return ServeConfig(
         store=store,
         pipeline=pipeline,
