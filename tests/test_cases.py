@@ -682,6 +682,33 @@ async def test_09_cancelled_build_leaves_a_failure_then_rebuilds(store: Store) -
     assert (await messages(store, log_branch))[0] == "Cached successful result"
 
 
+async def test_09_a_rebuild_through_the_cache_alone_reevaluates_the_job(
+    store: Store,
+) -> None:
+    """Rebuilding through the build cache (not `Engine.rebuild`) still
+    brings the new result to the job: a saved result's answer carries an
+    event set when it is replaced."""
+    builder = GatedBuilder()
+    log_branch = f"build-{H1}"
+    async with open_build_cache(store) as cache:
+
+        def make(target: Target) -> dict[str, Term[str]]:
+            step: Term[str] = github.head(target).bind(
+                lambda head: cache.term(builder, head)
+            )
+            return {"test": step.map(lambda value: f"ok: {value}")}
+
+        engine = make_engine(store, {ALICE: make}, builds=cache)
+        async with running(engine):
+            await bridge(store, {**MONITOR, **ref("heads/foo", H1)})
+            await until(engine, lambda: _state_is(store, H1, "pending"))
+            cache.live_logs.cancel(log_branch)
+            await until(engine, lambda: _state_is(store, H1, "failure"))
+            await cache.rebuild(log_branch)
+            await until(engine, lambda: _state_is(store, H1, "success"))
+    assert builder.runs == 2
+
+
 async def test_09_closing_the_target_cancels_the_build_and_writes_nothing(
     store: Store,
 ) -> None:

@@ -391,3 +391,118 @@ async def test_metrics_endpoint_and_sigint(tmp_path: Path) -> None:
         assert (tmp_path / "_kitci" / "store" / "HEAD").exists()
         assert await service.stop(signal.SIGINT) == 0
         assert "received SIGINT: stopping" in service.log()
+
+
+# A pipeline whose one job waits, until its build is cancelled, for a file
+# that a rebuild then finds.
+GATED_PIPELINE = """
+import sys
+
+from kitci import PipelineContext, Repo, Target, Term, github
+from kitci.builds import GitRepo
+
+PROJ = Repo("alice", "proj")
+GATE = (
+    "import os, sys, time\\n"
+    "open(sys.argv[1] + '.tmp', 'w').write(str(os.getpid()))\\n"
+    "os.replace(sys.argv[1] + '.tmp', sys.argv[1])\\n"
+    "while not os.path.exists(sys.argv[2]):\\n"
+    "    time.sleep(0.05)\\n"
+)
+_git: GitRepo | None = None
+
+
+async def setup(context: PipelineContext) -> None:
+    global _git
+    _git = await GitRepo.open(
+        context.builds, remote=str(context.repos[PROJ]), work_dir=context.work_dir
+    )
+
+
+def jobs(target: Target) -> dict[str, Term[str]]:
+    git = _git
+    assert git is not None
+    # One pid file per target: every target runs the gate.
+    pid_file = {pid_file!r} + "." + target.to_arg().replace("/", "_")
+    argv = [sys.executable, "-c", GATE, pid_file, {open_file!r}]
+    run = github.head(target).bind(git.fetch_head).bind(
+        lambda commit: git.run_command(commit, "gate", argv, timeout=120)
+    )
+    return {{"gate": run.map(lambda _: "through the gate")}}
+
+
+projects = {{"alice/proj": jobs}}
+"""
+
+
+async def kitci_command(*args: str) -> tuple[int, str, str]:
+    done = await trio.run_process(
+        [sys.executable, "-m", "kitci", *args],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        env=GIT_ENV,
+    )
+    return done.returncode, done.stdout.decode(), done.stderr.decode()
+
+
+async def test_cancel_and_rebuild_from_the_command_line(tmp_path: Path) -> None:
+    """Case 09 as a user does it: `kitci cancel` fails the waiting job with a
+    cancelled build (its process gone), `kitci rebuild` runs it again."""
+    heads = await make_source(tmp_path / "src")
+    head = heads["main"]
+    store = tmp_path / "store"
+    pid_file, open_file = tmp_path / "gate.pid", tmp_path / "gate.open"
+    main_pid_file = tmp_path / "gate.pid.alice_proj_heads_main"
+    pipeline = tmp_path / "pipeline.py"
+    pipeline.write_text(
+        GATED_PIPELINE.format(pid_file=str(pid_file), open_file=str(open_file))
+    )
+    async with serving(
+        tmp_path,
+        "--store", str(store),
+        "--work-dir", str(tmp_path / "work"),
+        "--pipeline", str(pipeline),
+        "--repo", f"alice/proj={tmp_path / 'src'}",
+        "--metrics", "127.0.0.1:0",
+        "--bridge-interval", "0.2",
+        "--poll-interval", "0.2",
+    ) as service:  # fmt: skip
+        server = f"127.0.0.1:{await service.metrics_port()}"
+        branch = f"cmd-gate-src-{head}"
+        with trio.fail_after(60):
+            while not main_pid_file.exists():
+                service.check_alive()
+                await trio.sleep(0.1)
+        pid = int(main_pid_file.read_text())
+
+        code, out, err = await kitci_command("cancel", branch, "--server", server)
+        assert (code, err) == (0, "")
+        assert f"cancelled the build of {branch}" in out
+        with trio.fail_after(60):
+            while await read_state(store, head, "gate") != "failure":
+                service.check_alive()
+                await trio.sleep(0.1)
+        _, description = await run_git(
+            "--git-dir", str(store), "show",
+            f"github-metadata:alice/proj/commit/{head}/status/ci/datakit/gate/description",
+        )  # fmt: skip
+        assert "cancelled" in description.lower(), description
+        # The build's process was stopped before the failure was saved.
+        assert not is_running(pid)
+
+        # Open the gate, then rebuild: the job runs again and passes.
+        open_file.write_text("")
+        code, out, err = await kitci_command("rebuild", branch, "--server", server)
+        assert (code, err) == (0, "")
+        with trio.fail_after(60):
+            while await read_state(store, head, "gate") != "success":
+                service.check_alive()
+                await trio.sleep(0.1)
+
+        # A branch no job depends on: one line, exit status 1.
+        code, out, err = await kitci_command("rebuild", "nothing", "--server", server)
+        assert code == 1
+        assert err.count("\n") == 1
+        assert "No job depends on 'nothing'" in err
+        assert await service.stop(signal.SIGTERM) == 0

@@ -392,7 +392,7 @@ async def test_serve_setup_failure_exits_1(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        ([], "choose a command: serve or status"),
+        ([], "choose a command: serve, status, rebuild or cancel"),
         (["build"], "invalid choice: 'build'"),
         (["status", "--verbose"], "unrecognized arguments: --verbose"),
         (["status", "--store", "missing"], "store missing does not exist"),

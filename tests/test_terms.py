@@ -720,23 +720,28 @@ async def test_slow_pending_with_ready_event_asks_to_be_woken() -> None:
     assert ctx.wake_events == (ready,)
 
 
-@pytest.mark.parametrize(
-    "answer",
-    [
-        SlowAnswer(Pending("no event")),
-        SlowAnswer(Ok("done"), ready=trio.Event()),
-        SlowAnswer(Failed("broken"), ready=trio.Event()),
-    ],
-)
-async def test_slow_term_not_pending_on_an_event_asks_for_nothing(
-    answer: SlowAnswer[str],
-) -> None:
+async def test_slow_term_without_an_event_asks_for_nothing() -> None:
     async def check() -> SlowAnswer[str]:
-        return answer
+        return SlowAnswer(Pending("no event"))
 
     ctx = make_context()
-    assert await run(of_slow(check), ctx) == (answer.outcome, None)
+    assert await run(of_slow(check), ctx) == (Pending("no event"), None)
     assert ctx.wake_events == ()
+
+
+@pytest.mark.parametrize("outcome", [Ok("done"), Failed("broken")])
+async def test_a_final_answer_can_ask_to_be_evaluated_when_it_expires(
+    outcome: Ok[str] | Failed,
+) -> None:
+    """A saved result's event (set when it is rebuilt) wakes the job too."""
+    expires = trio.Event()
+
+    async def check() -> SlowAnswer[str]:
+        return SlowAnswer(outcome, ready=expires)
+
+    ctx = make_context()
+    assert await run(of_slow(check), ctx) == (outcome, None)
+    assert ctx.wake_events == (expires,)
 
 
 async def test_wake_events_belong_to_the_evaluation_that_asked() -> None:

@@ -118,10 +118,13 @@ class _Entry(Generic[K, V]):
         self.abandoned = False
         # The result once known (built or loaded); None while building.
         self.answer: SlowAnswer[V] | None = None
+        # Set when this entry is dropped or replaced (a rebuild, a cancel),
+        # so that jobs holding its result evaluate again.
+        self.replaced = trio.Event()
 
     def current(self) -> SlowAnswer[V]:
         if self.answer is not None:
-            return self.answer
+            return SlowAnswer(self.answer.outcome, self.answer.logs, self.replaced)
         assert self.log is not None
         return SlowAnswer(
             Pending(self.log.pending_reason),
@@ -287,6 +290,7 @@ class BuildCache:
             if isinstance(entry.answer.logs, SavedLog):
                 await self._mark_for_rebuild(branch)
             del self._entries[branch]
+            entry.replaced.set()
             if self._nursery is not None:
                 self._entries[branch] = self._start_build(
                     entry.builder, entry.key, branch
@@ -504,6 +508,7 @@ class BuildCache:
     def _forget(self, entry: _Entry[Any, Any]) -> None:
         if self._entries.get(entry.branch) is entry:
             del self._entries[entry.branch]
+        entry.replaced.set()
 
 
 @asynccontextmanager

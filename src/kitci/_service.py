@@ -37,7 +37,7 @@ from prometheus_client import generate_latest
 from ._bridge import LocalBridge
 from ._cache import BuildCache
 from ._engine import Engine, MakeTerms
-from ._errors import InvalidNameError, StoreError, UsageError
+from ._errors import InvalidNameError, KitciError, StoreError, UsageError
 from ._history import HistoryState, load_states_sync
 from ._metadata import METADATA_BRANCH, Snapshot, SnapshotParser
 from ._model import (
@@ -371,6 +371,40 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--json", action="store_true", help="print JSON for scripts (see below)"
     )
+
+    for name, summary, description in (
+        (
+            "rebuild",
+            "build a saved result again",
+            "Ask a running `kitci serve` to build the saved result on BRANCH\n"
+            "again (the branch named in a job's logs, e.g. cmd-test-...), then\n"
+            "to evaluate the jobs that use it.",
+        ),
+        (
+            "cancel",
+            "cancel a running build",
+            "Ask a running `kitci serve` to cancel the build writing BRANCH;\n"
+            "the jobs that wait for it fail, saying it was cancelled, and a\n"
+            "later `kitci rebuild BRANCH` runs it again.",
+        ),
+    ):
+        command = commands.add_parser(
+            name,
+            help=summary,
+            description=description,
+            epilog=f"example:\n  kitci {name} cmd-test-kitci-0123abc... "
+            "--server 127.0.0.1:9090",
+            formatter_class=formatter,
+        )
+        command.add_argument("branch", metavar="BRANCH", help="the result branch")
+        command.add_argument(
+            "--server",
+            metavar="ADDR:PORT",
+            type=_metrics_arg,
+            default=DEFAULT_METRICS,
+            help="the --metrics address of the running service "
+            f"(default: {DEFAULT_METRICS})",
+        )
     return parser
 
 
@@ -719,7 +753,8 @@ async def _run_service(
         if listeners:
             for listener in listeners:
                 log.info("serving metrics at %s", _metrics_url(listener))
-            nursery.start_soon(trio.serve_listeners, _handle_http, list(listeners))
+            handler = functools.partial(_handle_http, _Control(engine, builds))
+            nursery.start_soon(trio.serve_listeners, handler, list(listeners))
             listeners.clear()
         await nursery.start(builds.run)
         if config.repos:
@@ -773,12 +808,47 @@ def _metrics_url(listener: trio.SocketListener) -> str:
 # The metrics endpoint -----------------------------------------------------------
 
 
-async def _handle_http(stream: trio.SocketStream) -> None:
-    """Answer one HTTP request: `GET /metrics` gives the Prometheus metrics."""
+class _Control:
+    """What the HTTP endpoint may act on: rebuilds and cancellations."""
+
+    def __init__(self, engine: Engine, builds: BuildCache) -> None:
+        self.engine = engine
+        self.builds = builds
+
+    async def act(self, action: str, branch: str) -> tuple[str, str]:
+        """Rebuild or cancel `branch`; return an HTTP status and a message."""
+        try:
+            if action == "rebuild":
+                await self.engine.rebuild(branch)
+                message = f"rebuilding {branch}"
+            else:
+                self.builds.live_logs.cancel(branch, "cancelled by request")
+                message = f"cancelled the build of {branch}"
+        except KitciError as exc:
+            return "404 Not Found", str(exc)
+        log.info("%s (asked over HTTP)", message)
+        return "200 OK", message
+
+
+async def _handle_http(control: _Control | None, stream: trio.SocketStream) -> None:
+    """Answer one HTTP request.
+
+    `GET /metrics` gives the Prometheus metrics; `POST /rebuild?branch=B`
+    and `POST /cancel?branch=B` rebuild or cancel a build (see `kitci
+    rebuild` and `kitci cancel`).
+    """
     try:
         with trio.fail_after(_REQUEST_TIMEOUT):
             head = await _read_request_head(stream)
-            await stream.send_all(_respond(head))
+            action = _control_request(head)
+            if action is not None and control is not None:
+                status, message = await control.act(*action)
+                reply = _response(
+                    status, f"{message}\n".encode(), "text/plain; charset=utf-8"
+                )
+            else:
+                reply = _respond(head)
+            await stream.send_all(reply)
     except (
         trio.BrokenResourceError,
         trio.ClosedResourceError,
@@ -816,6 +886,55 @@ def _response(
         "Connection: close\r\n\r\n"
     )
     return lines.encode("ascii") + (b"" if head else body)
+
+
+def _control_request(head: bytes | None) -> tuple[str, str] | None:
+    """Return (action, branch) for `POST /rebuild|/cancel?branch=B`, else None."""
+    if head is None:
+        return None
+    parts = head.split(b"\n", 1)[0].strip().decode("latin-1").split(" ")
+    if len(parts) != 3 or parts[0] != "POST":
+        return None
+    target = urllib.parse.urlsplit(parts[1])
+    branches = urllib.parse.parse_qs(target.query).get("branch", [])
+    if target.path not in ("/rebuild", "/cancel") or len(branches) != 1:
+        return None
+    return target.path[1:], branches[0]
+
+
+async def _control(
+    server: tuple[str, int], action: str, branch: str
+) -> tuple[int, str]:
+    """Send `action` for `branch` to a running service; return status, message."""
+    host, port = server
+    query = urllib.parse.urlencode({"branch": branch})
+    request = (
+        f"POST /{action}?{query} HTTP/1.1\r\nHost: {host}\r\n"
+        "Content-Length: 0\r\nConnection: close\r\n\r\n"
+    ).encode("ascii")
+    try:
+        with trio.fail_after(_REQUEST_TIMEOUT + 5):
+            stream = await trio.open_tcp_stream(host, port)
+            async with stream:
+                await stream.send_all(request)
+                data = b""
+                while chunk := await stream.receive_some(65536):
+                    data += chunk
+    except (OSError, trio.TooSlowError) as exc:
+        raise _ExitError(
+            f"cannot reach kitci serve at {host}:{port}: {exc} (is it running, "
+            "with --metrics at that address?)",
+            status=1,
+        ) from None
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line = head.split(b"\r\n", 1)[0].split(b" ")
+    code = (
+        int(status_line[1]) if len(status_line) > 1 and status_line[1].isdigit() else 0
+    )
+    message = body.decode("utf-8", "replace").strip()
+    if code == 404 and message.startswith("not found"):
+        message = f"{host}:{port} does not take {action} requests (not kitci serve?)"
+    return code, message
 
 
 def _respond(head: bytes | None) -> bytes:
@@ -1032,7 +1151,9 @@ def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
-        raise _ExitError("choose a command: serve or status (see 'kitci --help')")
+        raise _ExitError(
+            "choose a command: serve, status, rebuild or cancel (see 'kitci --help')"
+        )
     if extra:
         raise _ExitError(
             f"unrecognized arguments: {' '.join(extra)} "
@@ -1047,6 +1168,14 @@ def _run(argv: Sequence[str] | None) -> int:
                 f"{args.store}` creates one)"
             )
         sys.stdout.write(trio.run(_status, Path(args.store), args.json))
+        return 0
+    if args.command in ("rebuild", "cancel"):
+        if args.server is None:
+            raise _ExitError("--server must be the address of a running kitci serve")
+        code, body = trio.run(_control, args.server, args.command, args.branch)
+        if code != 200:
+            raise _ExitError(body, status=1)
+        print(body)
         return 0
     _setup_logging(args.log_level)
     try:

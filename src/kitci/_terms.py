@@ -558,8 +558,9 @@ def wait_for_all(terms: Sequence[tuple[str, Term[Any]]]) -> Term[None]:
 class SlowAnswer(Generic[T]):
     """What a slow check answers: an outcome, logs, and maybe a ready event.
 
-    When the outcome is pending and `ready` is given, the job is evaluated
-    again once `ready` is set.
+    When `ready` is given, the job is evaluated again once it is set: a
+    pending answer's event says the wait is over, a final answer's that the
+    answer no longer holds (say, a saved result being rebuilt).
     """
 
     __slots__ = ("logs", "outcome", "ready")
@@ -578,14 +579,14 @@ class SlowAnswer(Generic[T]):
 def of_slow(check: Callable[[], Awaitable[SlowAnswer[T]]]) -> Term[T]:
     """Return a term that asks `check` for its state each evaluation.
 
-    A pending answer with a `ready` event asks the engine to evaluate the
-    job again when the event is set (and only while this evaluation is the
-    job's latest).
+    An answer with a `ready` event asks the engine to evaluate the job again
+    when the event is set (and only while this evaluation is the job's
+    latest).
     """
 
     async def run(ctx: Context) -> Evaluated[T]:
         answer = await check()
-        if isinstance(answer.outcome, Pending) and answer.ready is not None:
+        if answer.ready is not None:
             ctx.wake_on(answer.ready)
         return answer.outcome, answer.logs
 
