@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+from typing import Any
 
 import trio
+
+from kitci import PRTarget, Repo, Snapshot, Target
+from kitci._terms import Context, Evaluated, Pending, Term
+
+# The target that evaluations outside an engine are made for.
+TARGET = PRTarget(Repo("alice", "proj"), 1)
 
 # Run `git` without the user's or the system's configuration, with a fixed
 # identity, so tests behave the same on every machine.
@@ -116,3 +124,63 @@ async def git_commit_files(
     await git(repo, "update-ref", f"refs/heads/{branch}", commit, parent or "0" * 40)
     os.unlink(env["GIT_INDEX_FILE"])
     return commit
+
+
+def is_alive(pid: int) -> bool:
+    """Say whether process `pid` still runs (an unreaped zombie does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def wait_dead(pid: int) -> None:
+    """Wait until `pid` has exited: a killed process takes a moment to go."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        with trio.fail_after(5):
+            await trio.lowlevel.wait_readable(pidfd)
+    finally:
+        os.close(pidfd)
+    assert not is_alive(pid)
+
+
+async def settle(
+    term: Term[Any], target: Target = TARGET, seconds: float = 20
+) -> Evaluated[Any]:
+    """Evaluate `term` for `target`, again each time it asks to, until it is
+    not pending; return that outcome and its logs."""
+    with trio.fail_after(seconds):
+        while True:
+            ctx = Context(Snapshot(None, {}), target, "job")
+            outcome, logs = await term.evaluate(ctx)
+            if not isinstance(outcome, Pending):
+                return outcome, logs
+            assert ctx.wake_events, "a pending term must give an event"
+            await ctx.wake_events[0].wait()
+
+
+async def run_kitci(*args: str, cwd: Path | None = None) -> tuple[int, str, str]:
+    """Run `python -m kitci ARGS` in `cwd`; return status, stdout, stderr.
+
+    A command that should stop by itself but runs on (a service that
+    started when it should have refused) fails the test instead of hanging.
+    """
+    with trio.fail_after(60):
+        done = await trio.run_process(
+            [sys.executable, "-m", "kitci", *args],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            cwd=cwd,
+            env=GIT_ENV,
+        )
+    return done.returncode, done.stdout.decode(), done.stderr.decode()

@@ -24,8 +24,9 @@ from kitci import (
     TreeReader,
 )
 from kitci._results import LiveLogRef, SavedLog
-from kitci._terms import Context, Evaluated, Failed, Ok, Pending, Term
+from kitci._terms import Context, Evaluated, Failed, Ok, Pending
 from kitci.builds import BuildCache, BuildFailed, LiveLog, open_build_cache
+from support import settle
 
 TARGET = PRTarget(Repo("alice", "proj"), 1)
 _names = itertools.count()
@@ -88,18 +89,6 @@ def metric(name: str, builder: FakeBuilder) -> float:
 
 def context() -> Context:
     return Context(Snapshot(None, {}), TARGET, "job")
-
-
-async def settle(term: Term[Any]) -> Evaluated[Any]:
-    """Evaluate `term` again each time it asks to, until it is not pending."""
-    with trio.fail_after(10):
-        while True:
-            ctx = context()
-            outcome, logs = await term.evaluate(ctx)
-            if not isinstance(outcome, Pending):
-                return outcome, logs
-            assert ctx.wake_events, "a pending build must give an event"
-            await ctx.wake_events[0].wait()
 
 
 async def files_at(store: Store, branch: str) -> dict[str, bytes]:

@@ -61,7 +61,7 @@ from kitci._history import INDEX_BRANCH, builds_of_commit
 from kitci._live_log import LiveLog
 from kitci._store import read_files
 from kitci._terms import Context, Evaluated, Pending, SlowAnswer, Term, of_slow
-from kitci.builds import open_build_cache
+from kitci.builds import BuildCache, open_build_cache
 
 MONITOR = {"alice/proj/.monitor": ""}
 BOB = Repo("bob", "fork")
@@ -646,19 +646,24 @@ class GatedBuilder:
         return files["v"].decode()
 
 
+def built_jobs(cache: BuildCache, builder: GatedBuilder) -> MakeTerms:
+    """Jobs of one step, `test`, that builds the target's head with `builder`."""
+
+    def make(target: Target) -> dict[str, Term[str]]:
+        step: Term[str] = github.head(target).bind(
+            lambda head: cache.term(builder, head)
+        )
+        return {"test": step.map(lambda value: f"ok: {value}")}
+
+    return make
+
+
 async def test_09_cancelled_build_leaves_a_failure_then_rebuilds(store: Store) -> None:
     builder = GatedBuilder()
     foo = RefTarget(ALICE, ("heads", "foo"))
     log_branch = f"build-{H1}"
     async with open_build_cache(store) as cache:
-
-        def make(target: Target) -> dict[str, Term[str]]:
-            step: Term[str] = github.head(target).bind(
-                lambda head: cache.term(builder, head)
-            )
-            return {"test": step.map(lambda value: f"ok: {value}")}
-
-        engine = make_engine(store, {ALICE: make}, builds=cache)
+        engine = make_engine(store, {ALICE: built_jobs(cache, builder)}, builds=cache)
         async with running(engine):
             await bridge(store, {**MONITOR, **ref("heads/foo", H1)})
             await until(engine, lambda: _state_is(store, H1, "pending"))
@@ -691,14 +696,7 @@ async def test_09_a_rebuild_through_the_cache_alone_reevaluates_the_job(
     builder = GatedBuilder()
     log_branch = f"build-{H1}"
     async with open_build_cache(store) as cache:
-
-        def make(target: Target) -> dict[str, Term[str]]:
-            step: Term[str] = github.head(target).bind(
-                lambda head: cache.term(builder, head)
-            )
-            return {"test": step.map(lambda value: f"ok: {value}")}
-
-        engine = make_engine(store, {ALICE: make}, builds=cache)
+        engine = make_engine(store, {ALICE: built_jobs(cache, builder)}, builds=cache)
         async with running(engine):
             await bridge(store, {**MONITOR, **ref("heads/foo", H1)})
             await until(engine, lambda: _state_is(store, H1, "pending"))
@@ -715,14 +713,7 @@ async def test_09_closing_the_target_cancels_the_build_and_writes_nothing(
     builder = GatedBuilder()
     log_branch = f"build-{H1}"
     async with open_build_cache(store) as cache:
-
-        def make(target: Target) -> dict[str, Term[str]]:
-            step: Term[str] = github.head(target).bind(
-                lambda head: cache.term(builder, head)
-            )
-            return {"test": step.map(lambda value: f"ok: {value}")}
-
-        engine = make_engine(store, {ALICE: make}, builds=cache)
+        engine = make_engine(store, {ALICE: built_jobs(cache, builder)}, builds=cache)
         async with running(engine):
             await bridge(store, {**MONITOR, **ref("heads/foo", H1)})
             await until(engine, lambda: _state_is(store, H1, "pending"))

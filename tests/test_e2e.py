@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from support import GIT_ENV, git
+from support import GIT_ENV, git, is_alive, run_kitci
 
 pytestmark = pytest.mark.skipif(
     not Path("/proc/self/stat").exists(), reason="needs Linux's /proc"
@@ -204,15 +204,6 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
-def is_running(pid: int) -> bool:
-    """Say whether process `pid` exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def log_branches(logs: object) -> list[str]:
     """Return the branches of the saved logs in a stored logs JSON value."""
     if isinstance(logs, list):
@@ -352,7 +343,7 @@ async def test_serve_end_to_end(tmp_path: Path) -> None:
         children = descendants(service.process.pid)
         assert slow_pid in children
         assert await service.stop(signal.SIGTERM) == 0
-        assert [pid for pid in children if is_running(pid)] == []
+        assert [pid for pid in children if is_alive(pid)] == []
         log_text = service.log()
         assert "received SIGTERM: stopping" in log_text
         assert "kitci stopped" in log_text
@@ -435,17 +426,6 @@ projects = {{"alice/proj": jobs}}
 """
 
 
-async def kitci_command(*args: str) -> tuple[int, str, str]:
-    done = await trio.run_process(
-        [sys.executable, "-m", "kitci", *args],
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
-        env=GIT_ENV,
-    )
-    return done.returncode, done.stdout.decode(), done.stderr.decode()
-
-
 async def test_cancel_and_rebuild_from_the_command_line(tmp_path: Path) -> None:
     """Case 09 as a user does it: `kitci cancel` fails the waiting job with a
     cancelled build (its process gone), `kitci rebuild` runs it again."""
@@ -476,7 +456,7 @@ async def test_cancel_and_rebuild_from_the_command_line(tmp_path: Path) -> None:
                 await trio.sleep(0.1)
         pid = int(main_pid_file.read_text())
 
-        code, out, err = await kitci_command("cancel", branch, "--server", server)
+        code, out, err = await run_kitci("cancel", branch, "--server", server)
         assert (code, err) == (0, "")
         assert f"cancelled the build of {branch}" in out
         with trio.fail_after(60):
@@ -489,11 +469,11 @@ async def test_cancel_and_rebuild_from_the_command_line(tmp_path: Path) -> None:
         )  # fmt: skip
         assert "cancelled" in description.lower(), description
         # The build's process was stopped before the failure was saved.
-        assert not is_running(pid)
+        assert not is_alive(pid)
 
         # Open the gate, then rebuild: the job runs again and passes.
         open_file.write_text("")
-        code, out, err = await kitci_command("rebuild", branch, "--server", server)
+        code, out, err = await run_kitci("rebuild", branch, "--server", server)
         assert (code, err) == (0, "")
         with trio.fail_after(60):
             while await read_state(store, head, "gate") != "success":
@@ -501,7 +481,7 @@ async def test_cancel_and_rebuild_from_the_command_line(tmp_path: Path) -> None:
                 await trio.sleep(0.1)
 
         # A branch no job depends on: one line, exit status 1.
-        code, out, err = await kitci_command("rebuild", "nothing", "--server", server)
+        code, out, err = await run_kitci("rebuild", "nothing", "--server", server)
         assert code == 1
         assert err.count("\n") == 1
         assert "No job depends on 'nothing'" in err

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,8 +13,9 @@ from prometheus_client import REGISTRY
 
 from kitci import PRTarget, Repo, Snapshot, Store
 from kitci._results import LiveLogRef, SavedLog
-from kitci._terms import Context, Evaluated, Failed, Ok, Pending, Term
+from kitci._terms import Context, Evaluated, Failed, Ok, Pending
 from kitci.builds import BuildCache, GitCommit, GitRepo, open_build_cache
+from support import is_alive, settle, wait_dead
 
 TARGET = PRTarget(Repo("alice", "proj"), 1)
 
@@ -85,17 +85,6 @@ def context() -> Context:
     return Context(Snapshot(None, {}), TARGET, "job")
 
 
-async def settle(term: Term[Any]) -> Evaluated[Any]:
-    """Evaluate `term` again each time it asks to, until it is not pending."""
-    with trio.fail_after(20):
-        while True:
-            ctx = context()
-            outcome, logs = await term.evaluate(ctx)
-            if not isinstance(outcome, Pending):
-                return outcome, logs
-            await ctx.wake_events[0].wait()
-
-
 def started(label: str) -> float:
     value = REGISTRY.get_sample_value(
         "DataKitCI_cache_builds_started_total", {"name": label}
@@ -108,33 +97,6 @@ async def saved_log(store: Store, logs: Any) -> str:
     data = await store.read(logs.commit, lambda reader: reader.read("log"))
     assert data is not None
     return data.decode()
-
-
-def is_alive(pid: int) -> bool:
-    """Say whether process `pid` still runs (an unreaped zombie does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-async def wait_dead(pid: int) -> None:
-    """Wait until `pid` has exited: a killed process takes a moment to go."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        with trio.fail_after(5):
-            await trio.lowlevel.wait_readable(pidfd)
-    finally:
-        os.close(pidfd)
-    assert not is_alive(pid)
 
 
 async def test_fetch_head_fetches_branches_and_pull_requests(

@@ -10,33 +10,7 @@ import pytest
 import trio
 
 from kitci.builds import CommandFailed, LiveLog, run_process
-
-
-def is_alive(pid: int) -> bool:
-    """Say whether process `pid` still runs (an unreaped zombie does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-async def wait_dead(pid: int) -> None:
-    """Wait until `pid` has exited: a killed process takes a moment to go."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        with trio.fail_after(5):
-            await trio.lowlevel.wait_readable(pidfd)
-    finally:
-        os.close(pidfd)
-    assert not is_alive(pid)
+from support import wait_dead
 
 
 async def wait_for_text(live: LiveLog, text: str) -> None:

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
-import trio
 
 from kitci import (
     METADATA_BRANCH,
@@ -33,7 +31,7 @@ from kitci._service import (
     load_pipeline,
 )
 from kitci._terms import Context, Failed, ok
-from support import GIT_ENV
+from support import run_kitci
 
 ALICE = Repo("alice", "proj")
 H1 = "1" * 40
@@ -45,24 +43,6 @@ GOOD_PIPELINE = (
     "from kitci._terms import ok\n"
     "projects = {'alice/proj': lambda target: {'build': ok('fine')}}\n"
 )
-
-
-async def kitci(*args: str, cwd: Path) -> tuple[int, str, str]:
-    """Run `python -m kitci ARGS` in `cwd`; return status, stdout, stderr.
-
-    A command that should stop by itself but runs on (a service that
-    started when it should have refused) fails the test instead of hanging.
-    """
-    with trio.fail_after(60):
-        done = await trio.run_process(
-            [sys.executable, "-m", "kitci", *args],
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-            cwd=cwd,
-            env=GIT_ENV,
-        )
-    return done.returncode, done.stdout.decode(), done.stderr.decode()
 
 
 def listing(folder: Path) -> list[str]:
@@ -88,12 +68,12 @@ def one_error_line(stderr: str) -> str:
 
 
 async def test_help(tmp_path: Path) -> None:
-    code, out, err = await kitci("--help", cwd=tmp_path)
+    code, out, err = await run_kitci("--help", cwd=tmp_path)
     assert (code, err) == (0, "")
     assert "serve" in out
     assert "status" in out
 
-    code, out, err = await kitci("serve", "--help", cwd=tmp_path)
+    code, out, err = await run_kitci("serve", "--help", cwd=tmp_path)
     assert (code, err) == (0, "")
     for option in (
         "--store",
@@ -113,7 +93,7 @@ async def test_help(tmp_path: Path) -> None:
     ):
         assert option in out, option
 
-    code, out, err = await kitci("status", "--help", cwd=tmp_path)
+    code, out, err = await run_kitci("status", "--help", cwd=tmp_path)
     assert (code, err) == (0, "")
     for text in ("--store", "--json", "status_branch", "up_to_date", "examples:"):
         assert text in out, text
@@ -351,7 +331,7 @@ async def test_serve_bad_input(
 ) -> None:
     write_files(tmp_path, files)
     before = listing(tmp_path)
-    code, out, err = await kitci("serve", *args, cwd=tmp_path)
+    code, out, err = await run_kitci("serve", *args, cwd=tmp_path)
     assert code == 2
     assert out == ""
     assert expected in one_error_line(err)
@@ -366,7 +346,7 @@ async def test_serve_bad_store_directory(tmp_path: Path) -> None:
     (tmp_path / "p.py").write_text(GOOD_PIPELINE)
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("x\n")
-    code, _, err = await kitci(
+    code, _, err = await run_kitci(
         "serve", "--pipeline", "p.py", "--store", "notes", "--metrics", "none",
         cwd=tmp_path,
     )  # fmt: skip
@@ -379,7 +359,7 @@ async def test_serve_setup_failure_exits_1(tmp_path: Path) -> None:
     (tmp_path / "p.py").write_text(
         GOOD_PIPELINE + "async def setup(context):\n    raise RuntimeError('boom')\n"
     )
-    code, _, err = await kitci(
+    code, _, err = await run_kitci(
         "serve", "--pipeline", "p.py", "--store", "s", "--metrics", "none",
         cwd=tmp_path,
     )  # fmt: skip
@@ -401,7 +381,7 @@ async def test_serve_setup_failure_exits_1(tmp_path: Path) -> None:
 )
 async def test_other_bad_input(tmp_path: Path, args: list[str], expected: str) -> None:
     (tmp_path / "afile").write_text("x\n")
-    code, out, err = await kitci(*args, cwd=tmp_path)
+    code, out, err = await run_kitci(*args, cwd=tmp_path)
     assert code == 2
     assert out == ""
     assert expected in one_error_line(err)
@@ -460,7 +440,7 @@ async def prepare_store(path: Path) -> None:
 
 async def test_status_table(tmp_path: Path) -> None:
     await prepare_store(tmp_path / "store")
-    code, out, err = await kitci("status", "--store", "store", cwd=tmp_path)
+    code, out, err = await run_kitci("status", "--store", "store", cwd=tmp_path)
     assert code == 0, err
     assert err == ""
     lines = out.splitlines()
@@ -496,7 +476,9 @@ async def test_status_table(tmp_path: Path) -> None:
 
 async def test_status_json(tmp_path: Path) -> None:
     await prepare_store(tmp_path / "store")
-    code, out, err = await kitci("status", "--store", "store", "--json", cwd=tmp_path)
+    code, out, err = await run_kitci(
+        "status", "--store", "store", "--json", cwd=tmp_path
+    )
     assert code == 0, err
     rows = json.loads(out)
     assert [row["target"] for row in rows] == [
@@ -549,10 +531,10 @@ async def test_status_json(tmp_path: Path) -> None:
 
 async def test_status_of_an_empty_store(tmp_path: Path) -> None:
     await Store.open(tmp_path / "store", create=True)
-    code, out, _ = await kitci("status", "--store", "store", cwd=tmp_path)
+    code, out, _ = await run_kitci("status", "--store", "store", cwd=tmp_path)
     assert code == 0
     assert out == "No open pull requests, branches or tags in the store.\n"
-    code, out, _ = await kitci("status", "--store", "store", "--json", cwd=tmp_path)
+    code, out, _ = await run_kitci("status", "--store", "store", "--json", cwd=tmp_path)
     assert code == 0
     assert json.loads(out) == []
 
