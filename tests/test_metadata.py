@@ -396,8 +396,8 @@ async def test_malformed_metadata_is_skipped_and_logged(
     assert snap.pr(ALICE, 12) == PR(ALICE, 12, H2, "closed", "PR 12", "bob")
     assert _logged(caplog, error, "alice/proj/pr/12", "merged")
     # pr/abc and pr/007: skipped with a warning, nothing else lost.
-    assert _logged(caplog, warning, "alice/proj/pr/abc", "not a number")
-    assert _logged(caplog, warning, "alice/proj/pr/007", "not a number")
+    assert _logged(caplog, warning, "alice/proj/pr/abc", "not a PR number")
+    assert _logged(caplog, warning, "alice/proj/pr/007", "not a PR number")
     assert snap.pr(ALICE, 7) == PR(ALICE, 7, H1, "open", "PR 7", "bob")
     # PR 13: white space trimmed, base master.
     assert snap.pr(ALICE, 13) == PR(ALICE, 13, H4, "open", "", "bob", "master")

@@ -336,7 +336,7 @@ def _parse_prs(
     for number_text, sub_id in _subtrees(repo, tree, f"{base}/pr", warn=True):
         path = f"{base}/pr/{number_text}"
         if not is_valid_pr_number(number_text):
-            log.warning("skipping %s: PR directory name is not a number", path)
+            log.warning("skipping %s: PR directory name is not a PR number", path)
             continue
         number = int(number_text)
         pr = level.cached(

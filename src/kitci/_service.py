@@ -506,7 +506,7 @@ def load_pipeline(file: str) -> Pipeline:
     if not isinstance(projects, Mapping):
         raise UsageError(
             f'{where}: `projects` must be a mapping of "user/repo" to a '
-            f"function, not a {type(projects).__name__}"
+            f"function, not {_a(type(projects).__name__)}"
         )
     if not projects:
         raise UsageError(f"{where}: `projects` is empty, so there is nothing to test")
@@ -528,7 +528,7 @@ def load_pipeline(file: str) -> Pipeline:
         if not callable(value):
             raise UsageError(
                 f"{where}: the value for {repo} in `projects` must be a function "
-                f"taking a target, not a {type(value).__name__}"
+                f"taking a target, not {_a(type(value).__name__)}"
             )
         checked[repo] = _guarded(repo, value)
     setup: object = getattr(module, "setup", None)
@@ -571,16 +571,22 @@ def _guarded(repo: Repo, make_jobs: Callable[[Target], object]) -> MakeTerms:
     return make
 
 
+def _a(noun: str) -> str:
+    """Return `noun` with its indefinite article: `a list`, `an int`."""
+    return f"an {noun}" if noun[:1].lower() in "aeiou" else f"a {noun}"
+
+
 def _jobs_problem(jobs: object) -> str | None:
     if not isinstance(jobs, Mapping):
         return (
-            f"the jobs must be a mapping of names to terms, not a {type(jobs).__name__}"
+            "the jobs must be a mapping of names to terms, "
+            f"not {_a(type(jobs).__name__)}"
         )
     for name, value in jobs.items():
         if not isinstance(name, str) or not is_valid_path_component(name):
             return f"job name {name!r} is not a valid name (no '/', not empty)"
         if not isinstance(value, Term):
-            return f"job {name} is a {type(value).__name__}, not a Term"
+            return f"job {name} is {_a(type(value).__name__)}, not a Term"
     return None
 
 
