@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
+import trio
 
 from kitci import (
     METADATA_BRANCH,
@@ -31,7 +32,7 @@ from kitci._service import (
     load_pipeline,
 )
 from kitci._terms import Context, Failed, ok
-from support import run_kitci
+from support import GIT_ENV, git_commit_files, run_kitci
 
 ALICE = Repo("alice", "proj")
 H1 = "1" * 40
@@ -599,3 +600,18 @@ def test_http_responses() -> None:
     assert _respond(b"GET /metrics?x=1 HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 200 OK")
     assert _respond(b"GET / HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 404")
     assert _respond(None).startswith(b"HTTP/1.1 431")
+
+
+async def test_status_logs_malformed_metadata_as_warnings(tmp_path: Path) -> None:
+    """Warnings while reading the store are formatted like the service's log."""
+    store = tmp_path / "store"
+    await trio.run_process(["git", "init", "-q", "--bare", str(store)], env=GIT_ENV)
+    await git_commit_files(
+        store,
+        "github-metadata",
+        {"alice/proj/.monitor": b"", "alice/proj/pr/abc/head": b"x\n"},
+    )
+    code, _, err = await run_kitci("status", "--store", str(store))
+    assert code == 0, err
+    [line] = err.splitlines()
+    assert " WARNING kitci.metadata: skipping alice/proj/pr/abc" in line

@@ -1173,6 +1173,8 @@ def _run(argv: Sequence[str] | None) -> int:
                 f"store {args.store} does not exist (`kitci serve --store "
                 f"{args.store}` creates one)"
             )
+        # Warnings about malformed metadata, formatted like the service's.
+        _setup_logging("WARNING")
         sys.stdout.write(trio.run(_status, Path(args.store), args.json))
         return 0
     if args.command in ("rebuild", "cancel"):
