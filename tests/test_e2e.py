@@ -8,6 +8,7 @@ the service's log with a deadline; nothing sleeps to let things settle.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -456,6 +457,11 @@ async def test_cancel_and_rebuild_from_the_command_line(tmp_path: Path) -> None:
                 await trio.sleep(0.1)
         pid = int(main_pid_file.read_text())
 
+        # A rebuild asked for while it builds is ignored, and says so.
+        code, out, err = await run_kitci("rebuild", branch, "--server", server)
+        assert (code, err) == (0, "")
+        assert "building already; rebuild ignored" in out
+
         code, out, err = await run_kitci("cancel", branch, "--server", server)
         assert (code, err) == (0, "")
         assert f"cancelled the build of {branch}" in out
@@ -486,3 +492,100 @@ async def test_cancel_and_rebuild_from_the_command_line(tmp_path: Path) -> None:
         assert err.count("\n") == 1
         assert "No job depends on 'nothing'" in err
         assert await service.stop(signal.SIGTERM) == 0
+
+
+# A pipeline whose one job runs a command that ignores SIGTERM, so that
+# stopping the service takes its kill grace (two seconds).
+STUBBORN_PIPELINE = """
+import sys
+
+from kitci import PipelineContext, Repo, Target, Term, github
+from kitci.builds import GitRepo
+
+PROJ = Repo("alice", "proj")
+STUBBORN = (
+    "import os, signal, sys, time\\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\\n"
+    "open(sys.argv[1], 'w').write(str(os.getpid()))\\n"
+    "time.sleep(600)\\n"
+)
+_git: GitRepo | None = None
+
+
+async def setup(context: PipelineContext) -> None:
+    global _git
+    _git = await GitRepo.open(
+        context.builds, remote=str(context.repos[PROJ]), work_dir=context.work_dir
+    )
+
+
+def jobs(target: Target) -> dict[str, Term[str]]:
+    git = _git
+    assert git is not None
+    pid_file = {pid_file!r} + "." + target.to_arg().replace("/", "_")
+    argv = [sys.executable, "-c", STUBBORN, pid_file]
+    run = github.head(target).bind(git.fetch_head).bind(
+        lambda commit: git.run_command(commit, "stubborn", argv, timeout=120)
+    )
+    return {{"stubborn": run.map(lambda _: "done")}}
+
+
+projects = {{"alice/proj": jobs}}
+"""
+
+
+async def test_a_second_sigterm_while_stopping_still_exits_0(tmp_path: Path) -> None:
+    """`timeout` and service managers may signal twice: a SIGTERM that comes
+    while the service stops does not kill it; it still exits with 0."""
+    await make_source(tmp_path / "src")
+    pid_file = tmp_path / "pid"
+    pipeline = tmp_path / "pipeline.py"
+    pipeline.write_text(STUBBORN_PIPELINE.format(pid_file=str(pid_file)))
+    async with serving(
+        tmp_path,
+        "--pipeline", str(pipeline),
+        "--repo", f"alice/proj={tmp_path / 'src'}",
+        "--work-dir", str(tmp_path / "work"),
+        "--metrics", "none",
+        "--bridge-interval", "0.2",
+    ) as service:  # fmt: skip
+        main_pid_file = tmp_path / "pid.alice_proj_heads_main"
+        with trio.fail_after(60):
+            while not main_pid_file.exists():
+                service.check_alive()
+                await trio.sleep(0.05)
+        service.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            while "received SIGTERM: stopping" not in service.log():
+                service.check_alive()
+                await trio.sleep(0.05)
+        # The build's process holds the stop up for its kill grace.
+        service.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            assert await service.process.wait() == 0
+        assert "kitci stopped" in service.log()
+
+
+async def test_control_commands_tell_kitci_from_other_servers(tmp_path: Path) -> None:
+    """An address where something else answers is reported as such."""
+
+    async def not_kitci(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        serve = functools.partial(trio.serve_tcp, not_kitci, 0, host="127.0.0.1")
+        [listener] = await nursery.start(serve)
+        port = listener.socket.getsockname()[1]
+        code, out, err = await run_kitci(
+            "rebuild", "some-branch", "--server", f"127.0.0.1:{port}"
+        )
+        nursery.cancel_scope.cancel()
+    assert (code, out) == (1, "")
+    assert "does not look like kitci serve (HTTP status 200)" in err
+
+    # A branch name Git would refuse is a usage error, sent nowhere.
+    code, _, err = await run_kitci("cancel", "a..b", "--server", "127.0.0.1:9")
+    assert code == 2
+    assert "'a..b' is not a valid branch name" in err

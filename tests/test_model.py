@@ -21,6 +21,7 @@ from kitci import (
     status_branch_name,
 )
 from kitci._model import (
+    check_web_ui,
     escape_name,
     is_valid_pr_number,
     is_valid_ref_name,
@@ -403,3 +404,29 @@ def test_trim_description_never_exceeds_the_limit(text: str) -> None:
     assert len(trimmed) <= 140
     assert trimmed == trimmed.strip()
     assert text.strip().startswith(trimmed)
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("ftp://h/", "not an absolute http"),
+        ("http:///path", "not an absolute http"),
+        ("http://h/?q=1", "query or fragment"),
+        ("http://h/#top", "query or fragment"),
+        ("http://h/\nX", "white space or control"),
+        ("http://h x/", "white space or control"),
+        ("http://h:notaport/", "invalid port"),
+        ("http://h:0/", "invalid port"),
+        ("http://user:secret@h/", "user name or password"),
+    ],
+)
+def test_bad_web_ui_addresses_are_refused(url: str, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        check_web_ui(url)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://h", "https://h:8443/ci/", "http://[::1]:8080/", "http://127.0.0.1"]
+)
+def test_good_web_ui_addresses_are_kept(url: str) -> None:
+    assert check_web_ui(url) == url

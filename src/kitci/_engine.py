@@ -922,22 +922,31 @@ class Engine:
         found = self._targets.get(target)
         return None if found is None else found.history
 
-    async def rebuild(self, branch_name: str) -> None:
+    async def rebuild(self, branch_name: str) -> bool:
         """Rebuild every saved log on `branch_name`, then recalculate.
 
-        Raises `KitciError` if no job's output depends on that branch.
+        Returns True once the rebuild started, or False if the step is
+        still building (a rebuild asked for then is ignored). Raises
+        `KitciError` if no job's output depends on that branch.
         """
         triggers = []
         jobs = []
+        building = False
         for target in self._targets.values():
             for job in target.jobs.values():
                 if job.output is None:
                     continue
+                building = building or branch_name in _live_branches(job.output.logs)
                 for saved in _saved_logs(job.output.logs):
                     if saved.branch == branch_name and saved.rebuild is not None:
                         triggers.append(saved.rebuild)
                         jobs.append(job)
         if not triggers:
+            if building:
+                log.info(
+                    "ignoring a rebuild of %s: it is building already", branch_name
+                )
+                return False
             raise KitciError(
                 f"No job depends on {branch_name!r}, so can't rebuild anything"
             )
@@ -946,6 +955,7 @@ class Engine:
         for job in jobs:
             self._woken.add(job)
         self._recalc_needed.set()
+        return True
 
 
 # Job names that would make kitci's status directory collide with the files

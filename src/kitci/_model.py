@@ -412,8 +412,15 @@ def check_web_ui(text: str) -> str:
         raise ValueError(
             f"{text!r} has a query or fragment; give the address of the web UI only"
         )
+    if parsed.username is not None or parsed.password is not None:
+        raise ValueError(
+            f"{text!r} has a user name or password, which every status's "
+            "target_url would publish"
+        )
     try:
-        parsed.port  # noqa: B018  # parsing the port is the check
+        port = parsed.port
     except ValueError:
-        raise ValueError(f"{text!r} has an invalid port") from None
+        port = 0
+    if port == 0:
+        raise ValueError(f"{text!r} has an invalid port")
     return text

@@ -66,6 +66,9 @@ DEFAULT_METRICS = "127.0.0.1:9090"
 DEFAULT_MAX_EVALUATIONS = 50
 DEFAULT_POLL_INTERVAL = 1.0
 DEFAULT_BRIDGE_INTERVAL = 1.0
+# Starts the body of every reply to a rebuild or cancel request, so that the
+# command can tell kitci's answers from another server's.
+_REPLY_MARK = "kitci: "
 # Bounds of --poll-interval and --bridge-interval, in seconds: polling more
 # often than 100 times a second only burns a core.
 MIN_INTERVAL = 0.01
@@ -396,7 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
             "--server 127.0.0.1:9090",
             formatter_class=formatter,
         )
-        command.add_argument("branch", metavar="BRANCH", help="the result branch")
+        command.add_argument(
+            "branch", metavar="BRANCH", type=_branch_arg, help="the result branch"
+        )
         command.add_argument(
             "--server",
             metavar="ADDR:PORT",
@@ -702,6 +707,11 @@ async def serve(
     `setup` and the engine in one nursery. Raises `_ExitError` if the
     endpoint, the store or `setup` fails.
     """
+    # Signals that arrive while the service stops are redelivered by Trio
+    # when the receiver closes; with these handlers they are ignored, so a
+    # second SIGTERM (as `timeout` sends) cannot kill the stopping service.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         listeners: list[trio.SocketListener] = []
         if config.metrics is not None:
@@ -759,6 +769,13 @@ async def _run_service(
         if listeners:
             for listener in listeners:
                 log.info("serving metrics at %s", _metrics_url(listener))
+                host = listener.socket.getsockname()[0]
+                if not ipaddress.ip_address(host).is_loopback:
+                    log.warning(
+                        "%s is reachable from other machines: anyone who can "
+                        "reach it can cancel and rebuild builds",
+                        _metrics_url(listener),
+                    )
             handler = functools.partial(_handle_http, _Control(engine, builds))
             nursery.start_soon(trio.serve_listeners, handler, list(listeners))
             listeners.clear()
@@ -825,15 +842,17 @@ class _Control:
         """Rebuild or cancel `branch`; return an HTTP status and a message."""
         try:
             if action == "rebuild":
-                await self.engine.rebuild(branch)
-                message = f"rebuilding {branch}"
+                if await self.engine.rebuild(branch):
+                    message = f"rebuilding {branch}"
+                else:
+                    message = f"{branch} is building already; rebuild ignored"
             else:
                 self.builds.live_logs.cancel(branch, "cancelled by request")
                 message = f"cancelled the build of {branch}"
         except KitciError as exc:
-            return "404 Not Found", str(exc)
+            return "404 Not Found", f"{_REPLY_MARK}{exc}"
         log.info("%s (asked over HTTP)", message)
-        return "200 OK", message
+        return "200 OK", f"{_REPLY_MARK}{message}"
 
 
 async def _handle_http(control: _Control | None, stream: trio.SocketStream) -> None:
@@ -928,19 +947,32 @@ async def _control(
                     data += chunk
     except (OSError, trio.TooSlowError) as exc:
         raise _ExitError(
-            f"cannot reach kitci serve at {host}:{port}: {exc} (is it running, "
-            "with --metrics at that address?)",
+            f"cannot reach kitci serve at {_show_address(host, port)}: {exc} "
+            "(is it running, with --metrics at that address?)",
             status=1,
         ) from None
     head, _, body = data.partition(b"\r\n\r\n")
-    status_line = head.split(b"\r\n", 1)[0].split(b" ")
-    code = (
-        int(status_line[1]) if len(status_line) > 1 and status_line[1].isdigit() else 0
-    )
+    words = head.split(b"\r\n", 1)[0].split(b" ")
+    code = int(words[1]) if len(words) > 1 and words[1].isdigit() else 0
     message = body.decode("utf-8", "replace").strip()
-    if code == 404 and message.startswith("not found"):
-        message = f"{host}:{port} does not take {action} requests (not kitci serve?)"
-    return code, message
+    if not message.startswith(_REPLY_MARK):
+        # Whatever answered is not kitci serve (or an older one).
+        return 0, (
+            f"{_show_address(host, port)} does not look like kitci serve "
+            f"(HTTP status {code or 'missing'}); give its --metrics address"
+        )
+    return code, message.removeprefix(_REPLY_MARK)
+
+
+def _show_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _branch_arg(text: str) -> str:
+    if not pygit2.reference_is_valid_name(f"refs/heads/{text}"):
+        shown = text if len(text) <= 80 else text[:77] + "..."
+        raise argparse.ArgumentTypeError(f"{shown!r} is not a valid branch name")
+    return text
 
 
 def _respond(head: bytes | None) -> bytes:
