@@ -1,4 +1,4 @@
-"""The scenarios of /work/shared/cases, one test (or a few) per case file.
+"""The scenarios of the shared bug-report cases, one test (or a few) per case.
 
 Shorthand as in the cases: P/ is alice/proj/ on github-metadata, S(H, j)/
 is P/commit/H/status/ci/datakit/j/, and M1, M2, ... are commits made by the

@@ -171,8 +171,8 @@ class BuildCache:
         self._max_log_chars = max_log_chars
         # Branch -> the build running on it or its known result. Entries of
         # builds that were abandoned or cancelled with the service go away.
-        # TODO: known results stay here for the life of the cache; evict the
-        # ones no job asked for in a while (they reload from the store).
+        # (Results no job asked for in a while could go: they reload.)
+        # TODO: evict known results nobody asked for lately; today they stay.
         self._entries: dict[str, _Entry[Any, Any]] = {}
         # Branch -> lock held while a lookup reads the store or starts a
         # build for it, so concurrent lookups share one build.
