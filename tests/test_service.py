@@ -615,3 +615,28 @@ async def test_status_logs_malformed_metadata_as_warnings(tmp_path: Path) -> Non
     assert code == 0, err
     [line] = err.splitlines()
     assert " WARNING kitci.metadata: skipping alice/proj/pr/abc" in line
+
+
+async def test_serve_refuses_the_store_as_a_bridged_repository(tmp_path: Path) -> None:
+    """Bridging the store itself (directly or through a linked worktree)
+    would mirror kitci's own branches back in without end."""
+    (tmp_path / "p.py").write_text(GOOD_PIPELINE)
+    store = tmp_path / "store"
+    git = ["git", "-C", str(store)]
+    await trio.run_process(["git", "init", "-q", str(store)], env=GIT_ENV)
+    await trio.run_process(
+        [*git, "commit", "-q", "--allow-empty", "-m", "a"], env=GIT_ENV
+    )
+    await trio.run_process(
+        [*git, "worktree", "add", "-q", str(tmp_path / "wt")], env=GIT_ENV
+    )
+    for path in ("store", "store/.git", "wt"):
+        before = listing(tmp_path)
+        code, _, err = await run_kitci(
+            "serve", "--pipeline", "p.py", "--store", "store",
+            "--repo", f"alice/proj={path}", "--metrics", "none",
+            cwd=tmp_path,
+        )  # fmt: skip
+        assert code == 2, err
+        assert "is the store itself" in one_error_line(err)
+        assert listing(tmp_path) == before

@@ -634,15 +634,20 @@ def _check_can_create(path: Path, what: str) -> None:
 
 
 def _git_dir(path: Path) -> Path | None:
-    """Return the Git directory of the repository at `path` (exactly), or None."""
+    """Return the Git directory of the repository at `path` (exactly), or None.
+
+    For a linked worktree this is the main repository's directory, whose
+    refs the worktree shares.
+    """
     try:
-        found = pygit2.discover_repository(str(path))
+        repo = pygit2.Repository(str(path), pygit2.enums.RepositoryOpenFlag.NO_SEARCH)
     except pygit2.GitError:
         return None
-    if found is None:
-        return None
-    git_dir = Path(found).resolve()
-    return git_dir if git_dir in (path.resolve(), (path / ".git").resolve()) else None
+    git_dir = Path(repo.path).resolve()
+    common = git_dir / "commondir"
+    if common.is_file():
+        git_dir = (git_dir / common.read_text().strip()).resolve()
+    return git_dir
 
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:
