@@ -385,22 +385,15 @@ async def test_metrics_endpoint_and_sigint(tmp_path: Path) -> None:
         assert "received SIGINT: stopping" in service.log()
 
 
-# A pipeline whose one job waits, until its build is cancelled, for a file
-# that a rebuild then finds.
-GATED_PIPELINE = """
+# A pipeline whose one job, `step`, runs the Python code SCRIPT with the
+# arguments: a pid file (one per target: every target runs it), then ARGS.
+ONE_STEP_PIPELINE = """
 import sys
 
 from kitci import PipelineContext, Repo, Target, Term, github
 from kitci.builds import GitRepo
 
 PROJ = Repo("alice", "proj")
-GATE = (
-    "import os, sys, time\\n"
-    "open(sys.argv[1] + '.tmp', 'w').write(str(os.getpid()))\\n"
-    "os.replace(sys.argv[1] + '.tmp', sys.argv[1])\\n"
-    "while not os.path.exists(sys.argv[2]):\\n"
-    "    time.sleep(0.05)\\n"
-)
 _git: GitRepo | None = None
 
 
@@ -414,17 +407,39 @@ async def setup(context: PipelineContext) -> None:
 def jobs(target: Target) -> dict[str, Term[str]]:
     git = _git
     assert git is not None
-    # One pid file per target: every target runs the gate.
     pid_file = {pid_file!r} + "." + target.to_arg().replace("/", "_")
-    argv = [sys.executable, "-c", GATE, pid_file, {open_file!r}]
+    argv = [sys.executable, "-c", {script!r}, pid_file, *{args!r}]
     run = github.head(target).bind(git.fetch_head).bind(
-        lambda commit: git.run_command(commit, "gate", argv, timeout=120)
+        lambda commit: git.run_command(commit, "step", argv, timeout=120)
     )
-    return {{"gate": run.map(lambda _: "through the gate")}}
+    return {{"step": run.map(lambda _: "step done")}}
 
 
 projects = {{"alice/proj": jobs}}
 """
+
+# Writes its pid, then waits for the file named by its second argument.
+GATE = (
+    "import os, sys, time\n"
+    "open(sys.argv[1] + '.tmp', 'w').write(str(os.getpid()))\n"
+    "os.replace(sys.argv[1] + '.tmp', sys.argv[1])\n"
+    "while not os.path.exists(sys.argv[2]):\n"
+    "    time.sleep(0.05)\n"
+)
+# Writes its pid and sleeps, ignoring SIGTERM: stopping it takes the kill
+# grace (two seconds).
+STUBBORN = (
+    "import os, signal, sys, time\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "open(sys.argv[1], 'w').write(str(os.getpid()))\n"
+    "time.sleep(600)\n"
+)
+
+
+def one_step_pipeline(path: Path, pid_file: Path, script: str, *args: str) -> None:
+    path.write_text(
+        ONE_STEP_PIPELINE.format(pid_file=str(pid_file), script=script, args=args)
+    )
 
 
 async def test_cancel_and_rebuild_from_the_command_line(tmp_path: Path) -> None:
@@ -436,9 +451,7 @@ async def test_cancel_and_rebuild_from_the_command_line(tmp_path: Path) -> None:
     pid_file, open_file = tmp_path / "gate.pid", tmp_path / "gate.open"
     main_pid_file = tmp_path / "gate.pid.alice_proj_heads_main"
     pipeline = tmp_path / "pipeline.py"
-    pipeline.write_text(
-        GATED_PIPELINE.format(pid_file=str(pid_file), open_file=str(open_file))
-    )
+    one_step_pipeline(pipeline, pid_file, GATE, str(open_file))
     async with serving(
         tmp_path,
         "--store", str(store),
@@ -450,7 +463,7 @@ async def test_cancel_and_rebuild_from_the_command_line(tmp_path: Path) -> None:
         "--poll-interval", "0.2",
     ) as service:  # fmt: skip
         server = f"127.0.0.1:{await service.metrics_port()}"
-        branch = f"cmd-gate-src-{head}"
+        branch = f"cmd-step-src-{head}"
         with trio.fail_after(60):
             while not main_pid_file.exists():
                 service.check_alive()
@@ -466,12 +479,12 @@ async def test_cancel_and_rebuild_from_the_command_line(tmp_path: Path) -> None:
         assert (code, err) == (0, "")
         assert f"cancelled the build of {branch}" in out
         with trio.fail_after(60):
-            while await read_state(store, head, "gate") != "failure":
+            while await read_state(store, head, "step") != "failure":
                 service.check_alive()
                 await trio.sleep(0.1)
         _, description = await run_git(
             "--git-dir", str(store), "show",
-            f"github-metadata:alice/proj/commit/{head}/status/ci/datakit/gate/description",
+            f"github-metadata:alice/proj/commit/{head}/status/ci/datakit/step/description",
         )  # fmt: skip
         assert "cancelled" in description.lower(), description
         # The build's process was stopped before the failure was saved.
@@ -482,7 +495,7 @@ async def test_cancel_and_rebuild_from_the_command_line(tmp_path: Path) -> None:
         code, out, err = await run_kitci("rebuild", branch, "--server", server)
         assert (code, err) == (0, "")
         with trio.fail_after(60):
-            while await read_state(store, head, "gate") != "success":
+            while await read_state(store, head, "step") != "success":
                 service.check_alive()
                 await trio.sleep(0.1)
 
@@ -494,53 +507,13 @@ async def test_cancel_and_rebuild_from_the_command_line(tmp_path: Path) -> None:
         assert await service.stop(signal.SIGTERM) == 0
 
 
-# A pipeline whose one job runs a command that ignores SIGTERM, so that
-# stopping the service takes its kill grace (two seconds).
-STUBBORN_PIPELINE = """
-import sys
-
-from kitci import PipelineContext, Repo, Target, Term, github
-from kitci.builds import GitRepo
-
-PROJ = Repo("alice", "proj")
-STUBBORN = (
-    "import os, signal, sys, time\\n"
-    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\\n"
-    "open(sys.argv[1], 'w').write(str(os.getpid()))\\n"
-    "time.sleep(600)\\n"
-)
-_git: GitRepo | None = None
-
-
-async def setup(context: PipelineContext) -> None:
-    global _git
-    _git = await GitRepo.open(
-        context.builds, remote=str(context.repos[PROJ]), work_dir=context.work_dir
-    )
-
-
-def jobs(target: Target) -> dict[str, Term[str]]:
-    git = _git
-    assert git is not None
-    pid_file = {pid_file!r} + "." + target.to_arg().replace("/", "_")
-    argv = [sys.executable, "-c", STUBBORN, pid_file]
-    run = github.head(target).bind(git.fetch_head).bind(
-        lambda commit: git.run_command(commit, "stubborn", argv, timeout=120)
-    )
-    return {{"stubborn": run.map(lambda _: "done")}}
-
-
-projects = {{"alice/proj": jobs}}
-"""
-
-
 async def test_a_second_sigterm_while_stopping_still_exits_0(tmp_path: Path) -> None:
     """`timeout` and service managers may signal twice: a SIGTERM that comes
     while the service stops does not kill it; it still exits with 0."""
     await make_source(tmp_path / "src")
     pid_file = tmp_path / "pid"
     pipeline = tmp_path / "pipeline.py"
-    pipeline.write_text(STUBBORN_PIPELINE.format(pid_file=str(pid_file)))
+    one_step_pipeline(pipeline, pid_file, STUBBORN)
     async with serving(
         tmp_path,
         "--pipeline", str(pipeline),
