@@ -62,7 +62,7 @@ from ._model import (
     is_valid_path_component,
     trim_description,
 )
-from ._results import LiveLogRef, LogPair, Logs, Output, Result, SavedLog
+from ._results import Output, Result, iter_saved_logs, live_branches
 from ._store import Store, Transaction, TreeReader
 from ._terms import Context, Failed, Ok, Pending, Term
 
@@ -180,22 +180,6 @@ def _result_of(outcome: Ok[str] | Pending | Failed) -> Result:
     if isinstance(outcome, Pending):
         return Result("pending", outcome.reason)
     return Result("failure", outcome.message)
-
-
-def _live_branches(logs: Logs) -> list[str]:
-    if isinstance(logs, LiveLogRef):
-        return [logs.branch]
-    if isinstance(logs, LogPair):
-        return _live_branches(logs.first) + _live_branches(logs.second)
-    return []
-
-
-def _saved_logs(logs: Logs) -> list[SavedLog]:
-    if isinstance(logs, SavedLog):
-        return [logs]
-    if isinstance(logs, LogPair):
-        return _saved_logs(logs.first) + _saved_logs(logs.second)
-    return []
 
 
 class Engine:
@@ -404,7 +388,7 @@ class Engine:
                 job.cancel("target closed")
                 self._forget_reads(job)
                 if job.output is not None:
-                    abandoned.update(_live_branches(job.output.logs))
+                    abandoned.update(live_branches(job.output.logs))
 
         # Create jobs for new targets, restoring their state from history.
         new = [t for t in touched if t in current and t not in self._targets]
@@ -471,10 +455,8 @@ class Engine:
         woken, self._woken = self._woken, set()
         add(job for job in woken if job.target.id in self._targets)
 
-        for branch in abandoned - (
-            self._live_branches_in_use() if abandoned else set()
-        ):
-            if self.builds is not None:
+        if abandoned and self.builds is not None:
+            for branch in abandoned - self._live_branches_in_use():
                 log.info("abandoning build %s: no open target needs it", branch)
                 self.builds.abandon(branch)
 
@@ -551,7 +533,7 @@ class Engine:
         for target in self._targets.values():
             for job in target.jobs.values():
                 if job.output is not None:
-                    in_use.update(_live_branches(job.output.logs))
+                    in_use.update(live_branches(job.output.logs))
         return in_use
 
     def _forget_reads(self, job: _Job) -> None:
@@ -936,8 +918,8 @@ class Engine:
             for job in target.jobs.values():
                 if job.output is None:
                     continue
-                building = building or branch_name in _live_branches(job.output.logs)
-                for saved in _saved_logs(job.output.logs):
+                building = building or branch_name in live_branches(job.output.logs)
+                for saved in iter_saved_logs(job.output.logs):
                     if saved.branch == branch_name and saved.rebuild is not None:
                         triggers.append(saved.rebuild)
                         jobs.append(job)

@@ -114,6 +114,15 @@ def pair_logs(first: Logs, second: Logs) -> Logs:
     return LogPair(first, second)
 
 
+def live_branches(logs: Logs) -> list[str]:
+    """Return the branches of the live logs inside `logs`, first to last."""
+    if isinstance(logs, LiveLogRef):
+        return [logs.branch]
+    if isinstance(logs, LogPair):
+        return live_branches(logs.first) + live_branches(logs.second)
+    return []
+
+
 def iter_saved_logs(logs: Logs) -> list[SavedLog]:
     """Return the saved logs inside `logs`, first to last."""
     if isinstance(logs, SavedLog):
