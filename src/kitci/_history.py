@@ -26,7 +26,6 @@ from ._model import (
     status_sub_name,
     trim_description,
 )
-from ._packs import PackWriter
 from ._results import Output, decode_output, encode_output
 from ._store import (
     Store,
@@ -36,6 +35,7 @@ from ._store import (
     _commit,
     _commit_tree,
     move_branch,
+    new_pack_writer,
     prepare_commit,
     write_objects,
 )
@@ -167,42 +167,42 @@ def record_states_sync(
     written: dict[Target, HistoryState] = {}
     # Every new state commit goes into one pack, written once, before any
     # branch moves: a flush of thousands of targets is one file write.
-    pack = PackWriter()
-    prepared: list[tuple[Target, str | None, str, HistoryState, str]] = []
-    for target, previous, source, metadata, outputs in records:
-        branch = status_branch_name(target)
-        changes: list[str] = []
-        tx = Transaction(_branch_head(repo, branch))
-        old_jobs = (
-            previous.jobs
-            if previous.commit == tx.parent
-            else _read_state(repo, branch).jobs
-        )
-        for job in sorted(old_jobs.keys() - outputs.keys()):
-            changes.append(f"Remove old job {job}")
-            tx.remove(f"job/{job}")
-        for job, output in sorted(outputs.items()):
-            data = encode_output(output)
-            old = old_jobs.get(job)
-            if old is None or encode_output(old) != data:
-                changes.append(f"{job} -> {one_line(output.result.descr)}")
-                tx.write(f"job/{job}/output", data)
-        if (
-            not changes
-            and previous.source_commit == source
-            and previous.commit == tx.parent
-        ):
-            continue
-        tx.write("source-commit", source)
-        tx.write("metadata-commit", metadata)
-        message = _message(changes)
-        new = prepare_commit(repo, tx, message, True, pack)
-        assert new is not None
-        state = HistoryState(
-            new, source, metadata, dict(outputs), (tx.parent,) if tx.parent else ()
-        )
-        prepared.append((target, tx.parent, new, state, message))
-    write_objects(repo, pack)
+    with new_pack_writer(repo) as pack:
+        prepared: list[tuple[Target, str | None, str, HistoryState, str]] = []
+        for target, previous, source, metadata, outputs in records:
+            branch = status_branch_name(target)
+            changes: list[str] = []
+            tx = Transaction(_branch_head(repo, branch))
+            old_jobs = (
+                previous.jobs
+                if previous.commit == tx.parent
+                else _read_state(repo, branch).jobs
+            )
+            for job in sorted(old_jobs.keys() - outputs.keys()):
+                changes.append(f"Remove old job {job}")
+                tx.remove(f"job/{job}")
+            for job, output in sorted(outputs.items()):
+                data = encode_output(output)
+                old = old_jobs.get(job)
+                if old is None or encode_output(old) != data:
+                    changes.append(f"{job} -> {one_line(output.result.descr)}")
+                    tx.write(f"job/{job}/output", data)
+            if (
+                not changes
+                and previous.source_commit == source
+                and previous.commit == tx.parent
+            ):
+                continue
+            tx.write("source-commit", source)
+            tx.write("metadata-commit", metadata)
+            message = _message(changes)
+            new = prepare_commit(repo, tx, message, True, pack)
+            assert new is not None
+            state = HistoryState(
+                new, source, metadata, dict(outputs), (tx.parent,) if tx.parent else ()
+            )
+            prepared.append((target, tx.parent, new, state, message))
+        write_objects(repo, pack)
 
     index_entries: list[tuple[Target, str, str]] = []
     failed: set[Target] = set()

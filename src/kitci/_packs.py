@@ -20,6 +20,7 @@ import tempfile
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 __all__ = ["BLOB", "COMMIT", "TREE", "PackWriter", "tree_entry_key"]
 
@@ -57,28 +58,67 @@ def tree_entry_key(name: bytes, mode: int) -> bytes:
 
 
 class PackWriter:
-    """Collect new objects, then write them as one pack with `write`."""
+    """Collect new objects, then write them as one pack with `write`.
 
-    def __init__(self) -> None:
-        # New objects by binary id: (type, content).
-        self._objects: dict[bytes, tuple[int, bytes]] = {}
+    The first `keep` objects are kept in memory (a small commit may rather
+    write them loose: see `drain`); past that, and when `objects_dir` is
+    given, objects go straight into a temporary pack file, so a writer of a
+    hundred thousand objects does not hold them all. `write` completes the
+    pack; `discard` (or leaving the `with` block without `write`) removes
+    the temporary file. Use a writer once.
+    """
+
+    def __init__(self, objects_dir: Path | None = None, *, keep: int = 64) -> None:
+        self._objects_dir = objects_dir
+        self._keep = keep
+        # Objects not yet in the pack file, by binary id: (type, content).
+        self._pending: dict[bytes, tuple[int, bytes]] = {}
+        # Objects already in the pack file: (id, CRC-32, offset), and ids.
+        self._entries: list[tuple[bytes, int, int]] = []
+        self._written: set[bytes] = set()
+        self._file: BinaryIO | None = None
+        self._tmp_pack: str | None = None
+        self._offset = 0
+
+    def __enter__(self) -> PackWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.discard()
 
     def __len__(self) -> int:
-        return len(self._objects)
+        return len(self._pending) + len(self._entries)
 
     def __contains__(self, oid: bytes) -> bool:
-        return oid in self._objects
+        return oid in self._pending or oid in self._written
+
+    @property
+    def streaming(self) -> bool:
+        """True once objects are being written to the pack file."""
+        return self._file is not None
 
     def add(self, kind: int, data: bytes) -> bytes:
         """Add an object of `kind` (BLOB, TREE or COMMIT); return its id."""
         oid = hashlib.sha1(b"%s %d\0" % (_NAMES[kind], len(data)) + data).digest()
-        self._objects.setdefault(oid, (kind, data))
+        if oid in self._pending or oid in self._written:
+            return oid
+        if self._file is None:
+            self._pending[oid] = (kind, data)
+            if len(self._pending) > self._keep and self._objects_dir is not None:
+                self._start()
+        else:
+            self._append(oid, kind, data)
         return oid
 
     def drain(self) -> list[tuple[int, bytes]]:
-        """Return and forget the collected objects, as (type, content)."""
-        objects = list(self._objects.values())
-        self._objects.clear()
+        """Return and forget the objects kept in memory, as (type, content).
+
+        Only for a writer that has not started its pack file.
+        """
+        if self._file is not None:
+            raise RuntimeError("the objects are in the pack file already")
+        objects = list(self._pending.values())
+        self._pending.clear()
         return objects
 
     def blob(self, data: bytes) -> bytes:
@@ -107,52 +147,88 @@ class PackWriter:
         body = b"\n".join(lines) + b"\n\n" + message.encode("utf-8")
         return self.add(COMMIT, body)
 
-    def write(self, objects_dir: Path) -> None:
-        """Write the collected objects as a pack under `objects_dir/pack`.
+    def _start(self) -> None:
+        """Open the temporary pack file and move the kept objects into it."""
+        if self._objects_dir is None:
+            raise ValueError("a PackWriter needs objects_dir to write a pack")
+        pack_dir = self._objects_dir / "pack"
+        pack_dir.mkdir(parents=True, exist_ok=True)
+        fd, self._tmp_pack = tempfile.mkstemp(dir=pack_dir, prefix="tmp_pack_")
+        self._file = os.fdopen(fd, "w+b")
+        # The object count is not known yet: it is filled in by `write`.
+        self._file.write(b"PACK" + struct.pack(">II", 2, 0))
+        self._offset = 12
+        pending, self._pending = self._pending, {}
+        for oid, (kind, data) in pending.items():
+            self._append(oid, kind, data)
+
+    def _append(self, oid: bytes, kind: int, data: bytes) -> None:
+        assert self._file is not None
+        record = _object_header(kind, len(data)) + (
+            _zlib_stored(data) if len(data) < _STORE_BELOW else zlib.compress(data, 1)
+        )
+        self._file.write(record)
+        self._entries.append((oid, zlib.crc32(record), self._offset))
+        self._written.add(oid)
+        self._offset += len(record)
+
+    def write(self, objects_dir: Path | None = None) -> None:
+        """Complete the pack and its index under `objects_dir/pack`.
 
         The pack is written under a temporary name and its index is renamed
         into place last, so readers never see a half-written pack.
         """
-        if not self._objects:
-            return
-        pack_dir = objects_dir / "pack"
-        pack_dir.mkdir(parents=True, exist_ok=True)
-        entries: list[tuple[bytes, int, int]] = []  # (oid, crc32, offset)
+        if objects_dir is not None:
+            self._objects_dir = objects_dir
+        if self._file is None:
+            if not self._pending:
+                return
+            self._start()
+        assert self._file is not None
+        assert self._tmp_pack is not None
+        out = self._file
+        out.seek(8)
+        out.write(struct.pack(">I", len(self._entries)))
+        out.flush()
+        out.seek(0)
         sha = hashlib.sha1()
-        header = b"PACK" + struct.pack(">II", 2, len(self._objects))
-        fd, tmp_pack = tempfile.mkstemp(dir=pack_dir, prefix="tmp_pack_")
+        while chunk := out.read(1 << 20):
+            sha.update(chunk)
+        pack_sha = sha.digest()
+        out.seek(0, os.SEEK_END)
+        out.write(pack_sha)
+        out.close()
+        pack_dir = Path(self._tmp_pack).parent
+        name = f"pack-{pack_sha.hex()}"
+        fd_idx, tmp_idx = tempfile.mkstemp(dir=pack_dir, prefix="tmp_idx_")
         try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(header)
-                sha.update(header)
-                offset = len(header)
-                for oid, (kind, data) in self._objects.items():
-                    record = _object_header(kind, len(data)) + (
-                        _zlib_stored(data)
-                        if len(data) < _STORE_BELOW
-                        else zlib.compress(data, 1)
-                    )
-                    out.write(record)
-                    sha.update(record)
-                    entries.append((oid, zlib.crc32(record), offset))
-                    offset += len(record)
-                pack_sha = sha.digest()
-                out.write(pack_sha)
-            name = f"pack-{pack_sha.hex()}"
-            index = _index(entries, pack_sha)
-            fd_idx, tmp_idx = tempfile.mkstemp(dir=pack_dir, prefix="tmp_idx_")
-            with os.fdopen(fd_idx, "wb") as out:
-                out.write(index)
-            os.chmod(tmp_pack, 0o444)
+            with os.fdopen(fd_idx, "wb") as index_file:
+                index_file.write(_index(self._entries, pack_sha))
+            os.chmod(self._tmp_pack, 0o444)
             os.chmod(tmp_idx, 0o444)
-            os.replace(tmp_pack, pack_dir / f"{name}.pack")
+            os.replace(self._tmp_pack, pack_dir / f"{name}.pack")
+            self._tmp_pack = None
             os.replace(tmp_idx, pack_dir / f"{name}.idx")
         except BaseException:
-            for leftover in (tmp_pack, locals().get("tmp_idx")):
-                if isinstance(leftover, str) and os.path.exists(leftover):
-                    os.unlink(leftover)
+            if os.path.exists(tmp_idx):
+                os.unlink(tmp_idx)
             raise
-        self._objects.clear()
+        finally:
+            self._file = None
+        self._entries = []
+        self._written.clear()
+
+    def discard(self) -> None:
+        """Forget every object and remove an unfinished pack file."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tmp_pack is not None and os.path.exists(self._tmp_pack):
+            os.unlink(self._tmp_pack)
+        self._tmp_pack = None
+        self._pending.clear()
+        self._entries = []
+        self._written.clear()
 
 
 def _object_header(kind: int, size: int) -> bytes:

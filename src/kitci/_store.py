@@ -115,6 +115,9 @@ class TreeReader:
         return obj if isinstance(obj, pygit2.Tree) else None
 
 
+_NO_CHILDREN: dict[str, _Node] = {}
+
+
 class _Node:
     """One directory or file of a transaction's staged changes."""
 
@@ -125,7 +128,14 @@ class _Node:
         self.replace = False
         # New file content, or None when this node is a directory.
         self.data: bytes | None = None
-        self.children: dict[str, _Node] = {}
+        # Shared and empty until a child is added: most nodes are files.
+        self.children: dict[str, _Node] = _NO_CHILDREN
+
+    def child(self, name: str) -> _Node:
+        """Return the child node `name`, adding it if needed."""
+        if self.children is _NO_CHILDREN:
+            self.children = {}
+        return self.children.setdefault(name, _Node())
 
 
 class Transaction:
@@ -155,9 +165,9 @@ class Transaction:
                 # A file on the way: it becomes a new, empty directory.
                 node.data = None
                 node.replace = True
-            node = node.children.setdefault(part, _Node())
+            node = node.child(part)
         node.data = data.encode("utf-8") if isinstance(data, str) else data
-        node.children.clear()
+        node.children = _NO_CHILDREN
         node.replace = True
         self._count += 1
 
@@ -173,10 +183,12 @@ class Transaction:
                 # The path lies under a file staged here: it is absent.
                 self._count += 1
                 return
-            node = node.children.setdefault(part, _Node())
+            node = node.child(part)
         if node.data is None:
             gone = _Node()
             gone.replace = True
+            if node.children is _NO_CHILDREN:
+                node.children = {}
             node.children[parts[-1]] = gone
         self._count += 1
 
@@ -474,13 +486,18 @@ def _commit(
     message: str,
     allow_empty: bool,
 ) -> str | None:
-    pack = PackWriter()
-    oid = prepare_commit(repo, tx, message, allow_empty, pack)
-    if oid is None:
-        return None
-    write_objects(repo, pack)
+    with new_pack_writer(repo) as pack:
+        oid = prepare_commit(repo, tx, message, allow_empty, pack)
+        if oid is None:
+            return None
+        write_objects(repo, pack)
     move_branch(repo, branch, tx.parent, oid, message)
     return oid
+
+
+def new_pack_writer(repo: pygit2.Repository) -> PackWriter:
+    """Return a pack writer for `repo` (use it in a `with` block)."""
+    return PackWriter(Path(repo.path) / "objects", keep=_PACK_THRESHOLD)
 
 
 def prepare_commit(
@@ -511,12 +528,12 @@ def prepare_commit(
 
 def write_objects(repo: pygit2.Repository, pack: PackWriter) -> None:
     """Write `pack`'s objects: loose when they are few, else as one pack."""
-    if len(pack) < _PACK_THRESHOLD:
+    if not pack.streaming:
         for kind, data in pack.drain():
             repo.odb.write(kind, data)
         return
     git_dir = Path(repo.path)
-    pack.write(git_dir / "objects")
+    pack.write()
     maybe_merge_packs(git_dir)
 
 
