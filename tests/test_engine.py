@@ -1029,15 +1029,22 @@ async def test_history_that_could_not_be_recorded_is_retried(store: Store) -> No
         await until(engine, lambda: engine.latest_state(PR1) not in (None, EMPTY_STATE))
         first = await store.head(branch)
 
-        # Another writer holds the branch's lock while the head moves.
+        # Another writer holds the branch's lock while the head moves: the
+        # history cannot be recorded, and the statuses, which come after
+        # the history, wait for it through several retries.
         lock = store.path / "refs" / "heads" / f"{branch}.lock"
         lock.write_text(f"{first}\n")
         await bridge(store, pr(1, sha("b")))
-        await until(engine, partial(status_is, store, sha("b"), "success"))
+        await handled(engine)
+        flushes = engine.flushes
+        await until(engine, lambda: engine.flushes >= flushes + 3)
         assert await store.head(branch) == first
+        assert await status(store, sha("b"), "test") is None
 
-        # Once it is released, the retry records the new head.
+        # Once it is released, the retry records the new head, then the
+        # statuses follow.
         lock.unlink()
+        await until(engine, partial(status_is, store, sha("b"), "success"))
 
         async def recorded() -> bool:
             head = await store.head(branch)

@@ -261,8 +261,10 @@ class Engine:
         self._unflushed: dict[_Job, None] = {}
         self._unrecorded: dict[_Target, None] = {}
         self._created = 0
-        # When the flush task should run again by itself (after a failure).
+        # When the flush task should run again by itself (after a failure),
+        # and the targets whose history the last flush could not record.
         self._retry_at = math.inf
+        self._history_failed: set[Target] = set()
         # Set to ask the recalc task for a pass, and the flush task to run.
         self._recalc_needed = trio.Event()
         self._flush_needed = trio.Event()
@@ -738,6 +740,7 @@ class Engine:
         self._flushed = trio.Event()
 
     async def _flush_history(self) -> None:
+        self._history_failed = set()
         snapshot = self._handled
         if snapshot is None or snapshot.commit is None:
             return
@@ -763,6 +766,8 @@ class Engine:
         written, failed = await self.store.run_sync(
             lambda repo: record_states_sync(repo, records)
         )
+        # History comes first: the statuses of these wait for it too.
+        self._history_failed = failed
         if failed:
             # Try those again after the retry delay, even if nothing else
             # asks for a flush by then.
@@ -789,6 +794,8 @@ class Engine:
         }
         targets = {job.target: None for job in self._unflushed}
         for target in sorted(targets, key=lambda t: t.seq):
+            if target.id in self._history_failed:
+                continue
             jobs = [
                 (job, job.source, job.output)
                 for job in target.jobs.values()
