@@ -562,3 +562,21 @@ async def test_control_commands_tell_kitci_from_other_servers(tmp_path: Path) ->
     code, _, err = await run_kitci("cancel", "a..b", "--server", "127.0.0.1:9")
     assert code == 2
     assert "'a..b' is not a valid branch name" in err
+
+
+async def test_a_second_service_on_the_same_store_is_refused(tmp_path: Path) -> None:
+    """Two services on one store would write every status twice."""
+    pipeline = tmp_path / "pipeline.py"
+    pipeline.write_text(
+        "from kitci import ok\nprojects = {'a/b': lambda t: {'j': ok('x')}}\n"
+    )
+    async with serving(
+        tmp_path, "--pipeline", str(pipeline), "--metrics", "127.0.0.1:0"
+    ) as first:
+        await first.metrics_port()  # it is up, holding the store
+        code, _, err = await run_kitci(
+            "serve", "--pipeline", str(pipeline), "--metrics", "none", cwd=tmp_path
+        )
+        assert code == 1
+        assert f"in use by another kitci serve (pid {first.process.pid})" in err
+        assert await first.stop(signal.SIGTERM) == 0

@@ -13,17 +13,27 @@ command line never creates or changes a store: it prints one line
 from __future__ import annotations
 
 import argparse
+import fcntl
 import functools
 import importlib.util
 import inspect
 import ipaddress
 import json
 import logging
+import os
 import signal
 import sys
 import traceback
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -734,7 +744,10 @@ async def serve(
                 )
             except StoreError as exc:
                 raise _ExitError(str(exc)) from None
-            failure = await _run_service(config, store, listeners, signals, task_status)
+            with _service_lock(store):
+                failure = await _run_service(
+                    config, store, listeners, signals, task_status
+                )
         finally:
             for listener in listeners:
                 await listener.aclose()
@@ -823,6 +836,34 @@ async def _stop_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) 
         log.info("received %s: stopping", signal.Signals(signum).name)
         scope.cancel()
         return
+
+
+@contextmanager
+def _service_lock(store: Store) -> Iterator[None]:
+    """Hold the store's service lock, or raise `_ExitError` if it is taken.
+
+    Two services on one store would stay consistent (branches move by
+    compare-and-swap) but write every status twice; one is a mistake.
+    The lock is an advisory `flock` on `kitci-serve.lock` in the store's Git
+    directory, released by the system if the process dies.
+    """
+    path = Path(store.git_dir) / "kitci-serve.lock"
+    with open(path, "a+", encoding="ascii") as lock_file:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.seek(0)
+            holder = lock_file.read().strip() or "unknown"
+            raise _ExitError(
+                f"the store {store.path} is in use by another kitci serve "
+                f"(pid {holder}); stop it first",
+                status=1,
+            ) from None
+        lock_file.seek(0)
+        lock_file.truncate()
+        lock_file.write(f"{os.getpid()}\n")
+        lock_file.flush()
+        yield
 
 
 def _metrics_url(listener: trio.SocketListener) -> str:

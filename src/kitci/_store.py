@@ -247,6 +247,9 @@ class Store:
         self, path: Path, repo: pygit2.Repository, poll_interval: float
     ) -> None:
         self.path = path
+        # The Git directory itself (`path`, or `path/.git` if not bare); read
+        # here, before any other thread can use the repository.
+        self.git_dir = Path(repo.path)
         self.poll_interval = poll_interval
         self._repo = repo
         self._limiter = trio.CapacityLimiter(1)
