@@ -72,7 +72,8 @@ log = logging.getLogger("kitci.service")
 DEFAULT_STORE = "_kitci/store"
 DEFAULT_WORK_DIR = "_kitci/work"
 DEFAULT_WEB_UI = "http://127.0.0.1:8080"
-DEFAULT_METRICS = "127.0.0.1:9090"
+# Not 9090: that is the Prometheus server's own port.
+DEFAULT_METRICS = "127.0.0.1:8088"
 DEFAULT_MAX_EVALUATIONS = 50
 DEFAULT_POLL_INTERVAL = 1.0
 DEFAULT_BRIDGE_INTERVAL = 1.0
@@ -236,8 +237,8 @@ def _metrics_arg(text: str) -> tuple[str, int] | None:
         host, sep, port_text = text.rpartition(":")
     if not sep or not host:
         raise argparse.ArgumentTypeError(
-            f"{text!r} must look like ADDR:PORT (e.g. 127.0.0.1:9090 or "
-            "[::1]:9090) or be 'none'"
+            f"{text!r} must look like ADDR:PORT (e.g. 127.0.0.1:8088 or "
+            "[::1]:8088) or be 'none'"
         )
     if not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
         raise argparse.ArgumentTypeError(
@@ -406,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
             help=summary,
             description=description,
             epilog=f"example:\n  kitci {name} cmd-test-kitci-0123abc... "
-            "--server 127.0.0.1:9090",
+            "--server 127.0.0.1:8088",
             formatter_class=formatter,
         )
         command.add_argument(
