@@ -695,3 +695,18 @@ def _pr_texts(number: int, head: str) -> dict[str, str]:
         f"{base}/owner": "bob",
         f"{base}/title": "t",
     }
+
+
+async def test_a_malformed_entry_is_logged_once(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Parsing again after another PR changed does not repeat the warning."""
+    caplog.set_level(logging.WARNING, "kitci.metadata")
+    parser = SnapshotParser()
+    first = await put(store, {**pr_files(1, H1), f"{ALICE}/pr/abc/head": H2})
+    await parser.parse(store, first)
+    second = await put(store, pr_files(1, H2))
+    snap = await parser.parse(store, second)
+    assert snap.pr(ALICE, 1) is not None
+    warnings = [r for r in caplog.records if "alice/proj/pr/abc" in r.getMessage()]
+    assert len(warnings) == 1

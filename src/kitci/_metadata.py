@@ -336,7 +336,7 @@ def _parse_prs(
     for number_text, sub_id in _subtrees(repo, tree, f"{base}/pr", warn=True):
         path = f"{base}/pr/{number_text}"
         if not is_valid_pr_number(number_text):
-            log.warning("skipping %s: PR directory name is not a PR number", path)
+            _warn_once(level, path, sub_id, "PR directory name is not a PR number")
             continue
         number = int(number_text)
         pr = level.cached(
@@ -345,6 +345,19 @@ def _parse_prs(
         if pr is not None:
             prs[number] = pr
     return prs
+
+
+def _warn_once(level: _Level, path: str, tree_id: pygit2.Oid, why: str) -> None:
+    """Log that `path` is skipped, unless the last parse already did.
+
+    The decision is cached like any parse, so a malformed entry is logged
+    once, not again each time its directory changes for another reason.
+    """
+
+    def warn(below: _Level) -> None:
+        log.warning("skipping %s: %s", path, why)
+
+    level.cached(("skipped", path), tree_id, warn)
 
 
 def _parse_pr_at(
@@ -366,7 +379,7 @@ def _parse_commits(
     for hash_text, sub_id in _subtrees(repo, tree, where, warn=True):
         path = f"{where}/{hash_text}"
         if not is_valid_hash(hash_text):
-            log.warning("skipping %s: not a commit hash", path)
+            _warn_once(level, path, sub_id, "not a commit hash")
             continue
         statuses = level.cached(
             hash_text, sub_id, partial(_parse_commit, repo, r, hash_text, sub_id, path)
