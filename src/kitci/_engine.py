@@ -84,7 +84,6 @@ class _Job:
 
     __slots__ = (
         "check_written",
-        "dirty",
         "done",
         "name",
         "output",
@@ -103,9 +102,6 @@ class _Job:
         # restored from history); output is None before the first one.
         self.source: str | None = None
         self.output: Output | None = None
-        # True when (source, what the status would say) differs from what
-        # was last written to github-metadata.
-        self.dirty = False
         # The snapshot keys the last finished evaluation read; None means
         # the job must be evaluated whatever changes.
         self.reads: tuple[ReadKey, ...] | None = None
@@ -129,7 +125,7 @@ class _Job:
 class _Target:
     """A PR, branch or tag being tested, with its jobs."""
 
-    __slots__ = ("history", "history_dirty", "id", "jobs", "seq", "value")
+    __slots__ = ("history", "id", "jobs", "seq", "value")
 
     def __init__(self, value: PR | Ref, seq: int) -> None:
         self.id: Target = value.target
@@ -140,8 +136,6 @@ class _Target:
         self.jobs: dict[str, _Job] = {}
         # The latest state recorded on the status branch.
         self.history: HistoryState = EMPTY_STATE
-        # True when a job's output or the head changed since `history`.
-        self.history_dirty = False
 
     @property
     def head(self) -> str:
@@ -256,8 +250,10 @@ class Engine:
         self._counts = dict.fromkeys(("pr", "branch", "tag"), 0)
         # Jobs whose slow term's event fired, or whose build was rebuilt.
         self._woken: set[_Job] = set()
-        # Jobs whose status, and targets whose history, await a flush (dicts
-        # as ordered sets; entries of dropped targets are skipped there).
+        # Jobs whose status (as it would be written) differs from what was
+        # last written, and targets whose jobs' outputs or head changed since
+        # their history was recorded: what the next flush writes (dicts as
+        # ordered sets; entries of dropped targets are skipped there).
         self._unflushed: dict[_Job, None] = {}
         self._unrecorded: dict[_Target, None] = {}
         self._created = 0
@@ -668,13 +664,11 @@ class Engine:
                 )
             )
         if dirty:
-            if not job.dirty:
+            if job not in self._unflushed:
                 log.debug("%s -> %s (marked for flush)", job, output.result.descr)
-            job.dirty = True
             self._unflushed[job] = None
 
     def _mark_history(self, target: _Target) -> None:
-        target.history_dirty = True
         self._unrecorded[target] = None
 
     def _is_current(self, target: _Target) -> bool:
@@ -746,7 +740,7 @@ class Engine:
             return
         records = []
         pending = sorted(
-            (t for t in self._unrecorded if self._is_current(t) and t.history_dirty),
+            (t for t in self._unrecorded if self._is_current(t)),
             key=lambda t: t.seq,
         )
         self._unrecorded = dict.fromkeys(pending)
@@ -782,15 +776,12 @@ class Engine:
             if all(
                 still.jobs[n].output is o for n, o in outputs.items() if n in still.jobs
             ):
-                still.history_dirty = False
                 self._unrecorded.pop(still, None)
 
     async def _flush_statuses(self) -> None:
         dirty: list[tuple[_Target, list[tuple[_Job, str, Output]]]] = []
         self._unflushed = {
-            job: None
-            for job in self._unflushed
-            if job.dirty and self._is_current(job.target)
+            job: None for job in self._unflushed if self._is_current(job.target)
         }
         targets = {job.target: None for job in self._unflushed}
         for target in sorted(targets, key=lambda t: t.seq):
@@ -799,7 +790,9 @@ class Engine:
             jobs = [
                 (job, job.source, job.output)
                 for job in target.jobs.values()
-                if job.dirty and job.output is not None and job.source is not None
+                if job in self._unflushed
+                and job.output is not None
+                and job.source is not None
             ]
             if jobs:
                 dirty.append((target, jobs))
@@ -860,7 +853,6 @@ class Engine:
         STATUS_UPDATES.inc(len(landed))
         for job, head, output in landed:
             if job.source == head and job.output is output:
-                job.dirty = False
                 self._unflushed.pop(job, None)
 
     @property
