@@ -16,6 +16,7 @@ import trio
 
 from kitci import METADATA_BRANCH, Repo, Store, Transaction, TreeReader
 from kitci._engine import Engine, MakeTerms
+from kitci.builds import BuildCache, open_build_cache
 
 ALICE = Repo("alice", "proj")
 
@@ -31,6 +32,13 @@ H1, H2, H3, H4, H5 = (sha(f"H{i}") for i in range(1, 6))
 @pytest.fixture
 async def store(tmp_path: Path) -> Store:
     return await Store.open(tmp_path / "store", create=True, poll_interval=0.02)
+
+
+@pytest.fixture
+async def cache(store: Store) -> AsyncIterator[BuildCache]:
+    """A build cache running on `store` for the test's duration."""
+    async with open_build_cache(store) as running:
+        yield running
 
 
 Files = Mapping[str, str | bytes | None]

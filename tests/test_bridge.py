@@ -90,11 +90,6 @@ def make_source(tmp_path: Path) -> MakeSource:
     return make
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> Store:
-    return await Store.open(tmp_path / "store", create=True)
-
-
 async def snapshot(store: Store) -> Snapshot:
     head = await store.head(METADATA_BRANCH)
     return await SnapshotParser().parse(store, head)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import pygit2
@@ -24,7 +23,7 @@ from kitci import (
     TreeReader,
 )
 from kitci._results import LiveLogRef, SavedLog
-from kitci._terms import Context, Evaluated, Failed, Ok, Pending
+from kitci._terms import Context, Evaluated, Failed, Ok, Pending, Term
 from kitci.builds import BuildCache, BuildFailed, LiveLog, open_build_cache
 from support import settle
 
@@ -82,6 +81,17 @@ class FakeBuilder:
         self.gate = trio.Event()
 
 
+async def start_build(
+    cache: BuildCache, builder: FakeBuilder, key: str = "k"
+) -> tuple[Term[str], str]:
+    """Ask for `key` once and wait until its build runs; return the term
+    and the result branch."""
+    term = cache.term(builder, key)
+    await term.evaluate(context())
+    await builder.wait_calls(1)
+    return term, builder.branch(key)
+
+
 def metric(name: str, builder: FakeBuilder) -> float:
     value = REGISTRY.get_sample_value(f"DataKitCI_cache_{name}", {"name": builder.name})
     return value or 0.0
@@ -111,17 +121,6 @@ async def message_at(store: Store, branch: str) -> str:
         return ref.peel(pygit2.Commit).message
 
     return await store.run_sync(read_message)
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> Store:
-    return await Store.open(tmp_path / "store", create=True)
-
-
-@pytest.fixture
-async def cache(store: Store) -> AsyncIterator[BuildCache]:
-    async with open_build_cache(store) as running:
-        yield running
 
 
 async def test_two_jobs_share_one_build_then_it_is_saved(
@@ -235,10 +234,7 @@ async def test_rebuild_builds_again_and_ignores_repeats_while_building(
     store: Store, cache: BuildCache
 ) -> None:
     builder = FakeBuilder(gated=True)
-    term = cache.term(builder, "k")
-    branch = builder.branch("k")
-    await term.evaluate(context())
-    await builder.wait_calls(1)
+    term, branch = await start_build(cache, builder)
     builder.open_gate()
     outcome, logs = await settle(term)
     assert isinstance(logs, SavedLog)
@@ -287,10 +283,7 @@ async def test_cancel_through_the_live_log_saves_a_failure_that_can_be_rebuilt(
     store: Store, cache: BuildCache
 ) -> None:
     builder = FakeBuilder(gated=True)
-    term = cache.term(builder, "k")
-    branch = builder.branch("k")
-    await term.evaluate(context())
-    await builder.wait_calls(1)
+    term, branch = await start_build(cache, builder)
 
     # The user cancels: the build fails, saying so, and is saved.
     cache.live_logs.cancel(branch)

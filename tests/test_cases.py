@@ -56,7 +56,7 @@ from kitci import (
     parse_status_branch,
     status_branch_name,
 )
-from kitci._engine import MakeTerms
+from kitci._engine import Engine, MakeTerms
 from kitci._history import INDEX_BRANCH, builds_of_commit
 from kitci._live_log import LiveLog
 from kitci._store import read_files
@@ -658,6 +658,16 @@ def built_jobs(cache: BuildCache, builder: GatedBuilder) -> MakeTerms:
     return make
 
 
+async def build_then_cancel(engine: Engine, cache: BuildCache, log_branch: str) -> None:
+    """Open branch foo at H1, wait for its build, cancel it through its live
+    log, and wait for the job's failure."""
+    store = engine.store
+    await bridge(store, {**MONITOR, **ref("heads/foo", H1)})
+    await until(engine, lambda: _state_is(store, H1, "pending"))
+    cache.live_logs.cancel(log_branch)
+    await until(engine, lambda: _state_is(store, H1, "failure"))
+
+
 async def test_09_cancelled_build_leaves_a_failure_then_rebuilds(store: Store) -> None:
     builder = GatedBuilder()
     foo = RefTarget(ALICE, ("heads", "foo"))
@@ -665,11 +675,8 @@ async def test_09_cancelled_build_leaves_a_failure_then_rebuilds(store: Store) -
     async with open_build_cache(store) as cache:
         engine = make_engine(store, {ALICE: built_jobs(cache, builder)}, builds=cache)
         async with running(engine):
-            await bridge(store, {**MONITOR, **ref("heads/foo", H1)})
-            await until(engine, lambda: _state_is(store, H1, "pending"))
             # The user cancels the build through its live log.
-            cache.live_logs.cancel(log_branch)
-            await until(engine, lambda: _state_is(store, H1, "failure"))
+            await build_then_cancel(engine, cache, log_branch)
             await settled(engine)
             text = await descr(store, H1, "test")
             assert text is not None
@@ -698,10 +705,7 @@ async def test_09_a_rebuild_through_the_cache_alone_reevaluates_the_job(
     async with open_build_cache(store) as cache:
         engine = make_engine(store, {ALICE: built_jobs(cache, builder)}, builds=cache)
         async with running(engine):
-            await bridge(store, {**MONITOR, **ref("heads/foo", H1)})
-            await until(engine, lambda: _state_is(store, H1, "pending"))
-            cache.live_logs.cancel(log_branch)
-            await until(engine, lambda: _state_is(store, H1, "failure"))
+            await build_then_cancel(engine, cache, log_branch)
             await cache.rebuild(log_branch)
             await until(engine, lambda: _state_is(store, H1, "success"))
     assert builder.runs == 2

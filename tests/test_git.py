@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -61,17 +60,6 @@ class Origin:
 @pytest.fixture
 def origin(tmp_path: Path) -> Origin:
     return Origin(tmp_path / "origin")
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> Store:
-    return await Store.open(tmp_path / "store", create=True)
-
-
-@pytest.fixture
-async def cache(store: Store) -> AsyncIterator[BuildCache]:
-    async with open_build_cache(store) as running:
-        yield running
 
 
 @pytest.fixture

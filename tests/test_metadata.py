@@ -6,7 +6,6 @@ import hashlib
 import logging
 import os
 from collections.abc import Mapping
-from pathlib import Path
 
 import pytest
 
@@ -40,11 +39,6 @@ def sha(label: str) -> str:
 H1, H2, H3, H4, H5 = (sha(f"H{i}") for i in range(1, 6))
 
 Files = Mapping[str, str | bytes | None]
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> Store:
-    return await Store.open(tmp_path / "store", create=True)
 
 
 async def put(store: Store, files: Files) -> str:
